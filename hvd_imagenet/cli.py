@@ -1,0 +1,143 @@
+"""`hvd-imagenet`: train, schedule, make-dataset.
+
+The train flags are built from the fields of config.TrainConfig (and the lr fields of schedule.LRPolicy), one
+flag per field, so defaults and help live with the dataclass. Problems a user can fix end as one line on
+stderr and exit status 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, no usage dump: the same shape as every other error of the tool."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """--field-name for every field of a dataclass; a nested dataclass adds its own fields' flags."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            add_dataclass_flags(parser, type(default), skip)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=_int_list, default=default, metavar="N,N,...",
+                                help=f.metadata.get("help", "") + f" (default: {','.join(map(str, default))})")
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+
+
+def build_dataclass(cls, args: argparse.Namespace):
+    """The dataclass from parsed flags (nested dataclasses included); its __post_init__ validates."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            values[f.name] = build_dataclass(type(default), args)
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import TrainConfig
+    from .train import main
+
+    main(build_dataclass(TrainConfig, args))
+
+
+def cmd_schedule(args: argparse.Namespace) -> None:
+    from .schedule import LRPolicy, lr_at
+
+    for name in ("world_size", "batch_size", "batches_per_allreduce", "epochs", "iters_per_epoch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+    policy = build_dataclass(LRPolicy, args)
+    if policy.warmup != "none" and policy.warmup_epochs > args.epochs:
+        raise UserError(f"--warmup-epochs {policy.warmup_epochs:g} is longer than --epochs {args.epochs}")
+    global_batch = args.world_size * args.batches_per_allreduce * args.batch_size
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(["iteration", "epoch", "lr"])
+    for iteration in range(args.epochs * args.iters_per_epoch):
+        out.writerow([iteration, f"{iteration / args.iters_per_epoch:.6f}",
+                      f"{lr_at(policy, iteration, args.iters_per_epoch, global_batch):.8g}"])
+
+
+def cmd_make_dataset(args: argparse.Namespace) -> None:
+    from .data.make_dataset import make_dataset
+
+    count = make_dataset(Path(args.output), args.classes, args.train_per_class, args.val_per_class, args.seed,
+                         args.workers)
+    print(f"make-dataset: wrote {count} JPEG files to {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import TrainConfig
+    from .schedule import LRPolicy
+
+    parser = Parser(prog="hvd-imagenet", description="ResNet-50 on ImageNet with the recipe of Goyal et al. "
+                                                     "(2017), on Horovod.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = commands.add_parser("train", help="train (run one process per GPU/worker: horovodrun, srun, mpirun)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_flags(train, TrainConfig)
+    train.set_defaults(run=cmd_train)
+
+    schedule = commands.add_parser("schedule", help="print the lr of every iteration as CSV")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    schedule.add_argument("--world-size", type=int, required=True, help="number of workers k")
+    schedule.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="images per worker n")
+    schedule.add_argument("--batches-per-allreduce", type=int, default=defaults["batches_per_allreduce"])
+    schedule.add_argument("--epochs", type=int, default=defaults["epochs"])
+    schedule.add_argument("--iters-per-epoch", type=int, required=True, help="optimizer steps per epoch")
+    add_dataclass_flags(schedule, LRPolicy)
+    schedule.set_defaults(run=cmd_schedule)
+
+    make = commands.add_parser("make-dataset", help="write a small learnable ImageNet-layout set of JPEG files")
+    make.add_argument("--output", required=True)
+    make.add_argument("--classes", type=int, default=10)
+    make.add_argument("--train-per-class", type=int, default=100)
+    make.add_argument("--val-per-class", type=int, default=20)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    make.set_defaults(run=cmd_make_dataset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as error:
+        print(f"hvd-imagenet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `hvd-imagenet schedule ... | head`
+        sys.stderr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Training configuration: one frozen dataclass, the paper's values as defaults, validated on construction.
+
+The CLI builds its flags from these fields (cli.py), so a default is written here and nowhere else. Field
+metadata carries the help text; a nested dataclass (the lr policy) contributes its own flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torchvision.models
+
+from .errors import UserError
+from .schedule import LRPolicy
+
+LOADERS = ("torchvision", "synthetic")
+COMPRESSIONS = ("none", "fp16")  # names of comm.COMPRESSORS; checked there too
+
+
+def resnet_names() -> list[str]:
+    """Every ResNet constructor torchvision ships (resnet18..152, resnext*, wide_resnet*)."""
+    return sorted(name for name in torchvision.models.resnet.__all__ if name[0].islower())
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = field(default="", metadata=_help("ImageNet-layout data set: DIR/train/<class>/*, DIR/val/<class>/*"))
+    output: str = field(default="", metadata=_help("run directory: config.json, metrics.jsonl, checkpoints/"))
+    arch: str = field(default="resnet50", metadata=_help("any torchvision ResNet"))
+    epochs: int = field(default=90, metadata=_help("training epochs (Sec. 5.1: 90)"))
+    batch_size: int = field(default=32, metadata=_help("images per worker per step, n (Sec. 2.3: 32)"))
+    lr: LRPolicy = field(default_factory=LRPolicy)
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum (Sec. 5.1)"))
+    nesterov: bool = field(default=True, metadata=_help("Nesterov momentum (Sec. 5.1)"))
+    weight_decay: float = field(default=1e-4, metadata=_help("L2 weight decay lambda (Sec. 5.1)"))
+    bn_weight_decay: bool = field(default=False, metadata=_help("also decay BN gamma/beta and biases"))
+    zero_init_residual: bool = field(default=True, metadata=_help("gamma=0 in each block's last BN (Sec. 5.1)"))
+    image_size: int = field(default=224, metadata=_help("training crop and val center crop, px"))
+    val_resize: int = field(default=256, metadata=_help("val: shorter side resized to this, then center crop"))
+    batches_per_allreduce: int = field(
+        default=1, metadata=_help("virtual workers: micro-batches of n per rank per step, each with its own BN stats")
+    )
+    compression: str = field(default="none", metadata=_help(f"gradient compression: {', '.join(COMPRESSIONS)}"))
+    seed: int = field(default=0, metadata=_help("seed for init, shuffling and augmentation"))
+    max_steps_per_epoch: int = field(default=0, metadata=_help("cap on optimizer steps per epoch (0: no cap)"))
+    loader: str = field(default="torchvision", metadata=_help(f"input pipeline: {', '.join(LOADERS)}"))
+    workers: int = field(default=0, metadata=_help("loader worker processes per rank (0: cores / local ranks)"))
+    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output"))
+
+    def __post_init__(self):
+        positive = ("epochs", "batch_size", "image_size", "val_resize", "batches_per_allreduce")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
+        for name in ("max_steps_per_epoch", "workers", "weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
+        if self.arch not in resnet_names():
+            raise UserError(f"--arch {self.arch!r} is not a torchvision ResNet; choose from {', '.join(resnet_names())}")
+        if self.loader not in LOADERS:
+            raise UserError(f"--loader must be one of {', '.join(LOADERS)}, not {self.loader!r}")
+        if self.compression not in COMPRESSIONS:
+            raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
+        if self.lr.warmup != "none" and self.lr.warmup_epochs > self.epochs:
+            raise UserError(f"--warmup-epochs {self.lr.warmup_epochs:g} is longer than --epochs {self.epochs}")
+        if self.val_resize < self.image_size:
+            raise UserError(f"--val-resize {self.val_resize} is smaller than --image-size {self.image_size}")
+        if not self.output:
+            raise UserError("--output is required")
+        if self.loader != "synthetic" and not self.data:
+            raise UserError("--data is required (or --loader synthetic)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        lr = dict(values.pop("lr", {}))
+        if "lr_steps" in lr:
+            lr["lr_steps"] = tuple(lr["lr_steps"])
+        return cls(lr=LRPolicy(**lr), **values)

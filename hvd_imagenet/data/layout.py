@@ -1,0 +1,42 @@
+"""The ImageNet directory layout: DIR/{train,val}/<class>/<image>. Checked before any rank starts training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ..errors import UserError
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """Class names sorted as torchvision's ImageFolder sorts them, so label i means the same to every loader."""
+    return sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+
+
+def _has_image(folder: Path) -> bool:
+    return any(entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS) for entry in folder.iterdir())
+
+
+def check_layout(data: Path) -> list[str]:
+    """The class names of a well-formed data set, or a UserError that says what is wrong."""
+    if not data.is_dir():
+        raise UserError(f"--data {data}: no such directory")
+    classes = {}
+    for split in ("train", "val"):
+        split_dir = data / split
+        if not split_dir.is_dir():
+            raise UserError(f"--data {data}: missing {split}/ (expected {data}/{split}/<class>/<image>)")
+        classes[split] = class_folders(split_dir)
+        if not classes[split]:
+            raise UserError(f"--data {data}: {split}/ has no class folders")
+        for name in classes[split]:
+            if not _has_image(split_dir / name):
+                raise UserError(f"--data {data}: class folder {split}/{name} has no images")
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        raise UserError(
+            f"--data {data}: train/ and val/ have different classes "
+            f"(only in train: {only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'})"
+        )
+    return classes["train"]

@@ -1,0 +1,83 @@
+"""`hvd-imagenet make-dataset`: a small ImageNet-layout set of real JPEG files whose classes can be learned.
+
+Each class is a saturated object of one hue (classes spread evenly around the color wheel, jittered) and one of
+four shapes, at a random place and scale, on a weakly tinted noisy background of random hue. Image sizes vary
+from 200 to 500 px per side, as ImageNet's do, so the loaders' resize and crop paths do real work. Folder
+names look like ImageNet's WordNet ids (n + 8 digits), sorted in class order.
+"""
+from __future__ import annotations
+
+import colorsys
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from ..errors import UserError
+
+SHAPES = ("ellipse", "rectangle", "triangle", "ring")
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    path: Path
+    class_index: int
+    num_classes: int
+    seed: tuple[int, ...]
+
+
+def wnid(class_index: int) -> str:
+    return f"n{1_000_000 + 7919 * class_index:08d}"
+
+
+def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
+
+
+def render(job: ImageJob) -> None:
+    rng = np.random.default_rng(job.seed)
+    width, height = (int(v) for v in rng.integers(200, 501, size=2))
+    background = np.array(_rgb(rng.random(), 0.25, 0.55), dtype=np.float32)
+    pixels = background + rng.normal(0, 28, size=(height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    hue = job.class_index / job.num_classes + rng.normal(0, 0.012)
+    color = _rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0))
+    size = rng.uniform(0.35, 0.75) * min(width, height)
+    cx, cy = rng.uniform(size / 2, width - size / 2), rng.uniform(size / 2, height - size / 2)
+    box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
+    draw = ImageDraw.Draw(image)
+    shape = SHAPES[job.class_index % len(SHAPES)]
+    if shape == "ellipse":
+        draw.ellipse(box, fill=color)
+    elif shape == "rectangle":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=color)
+    else:
+        draw.ellipse(box, outline=color, width=max(3, int(size / 6)))
+    job.path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(job.path, "JPEG", quality=int(rng.integers(75, 96)))
+
+
+def make_dataset(output: Path, classes: int, train_per_class: int, val_per_class: int, seed: int,
+                 workers: int = 0) -> int:
+    """Write the data set; returns the number of images. Deterministic for a given seed."""
+    if classes < 2 or train_per_class < 1 or val_per_class < 1:
+        raise UserError("make-dataset needs --classes >= 2, --train-per-class >= 1 and --val-per-class >= 1")
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"--output {output} exists and is not empty")
+    jobs = [
+        ImageJob(output / split / wnid(c) / f"{wnid(c)}_{split}_{i:05d}.JPEG", c, classes, (seed, s, c, i))
+        for s, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class)))
+        for c in range(classes)
+        for i in range(count)
+    ]
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        for _ in tqdm(pool.map(render, jobs, chunksize=16), total=len(jobs), desc="make-dataset", unit="img"):
+            pass
+    return len(jobs)

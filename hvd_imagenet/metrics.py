@@ -1,0 +1,95 @@
+"""Metrics as sums and counts on the device, reduced across ranks once per epoch; rank-0 writers.
+
+Accuracy is total correct / total images over all ranks, never a mean of per-batch or per-rank means
+(those weight a short last batch or a smaller shard like a full one).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import comm
+
+
+class EpochSums:
+    """Running [loss_sum, top1_correct, top5_correct, count] for one epoch, kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.totals = torch.zeros(4, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+        top5 = output.topk(min(5, output.shape[1]), dim=1).indices
+        hits = top5.eq(target[:, None])
+        batch = torch.stack([
+            loss.detach().double() * target.numel(),
+            hits[:, 0].sum().double(),
+            hits.any(dim=1).sum().double(),
+            torch.tensor(target.numel(), dtype=torch.float64, device=target.device),
+        ])
+        self.totals += batch
+
+    def reduce(self, name: str) -> dict:
+        """Sum over all ranks (a collective: every rank must call it) and return loss and accuracies in %."""
+        loss_sum, top1, top5, count = comm.allreduce_sum(self.totals.cpu(), name=name).tolist()  # sync point
+        if count == 0:
+            return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images": 0}
+        return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """config.json, metrics.jsonl and TensorBoard events in the run directory. Rank 0 only."""
+
+    def __init__(self, output: Path, config: dict, keep_epochs: int):
+        """keep_epochs: epochs already done (on resume); later records, from a run that died after writing
+        them but before its checkpoint, are dropped so they are not reported twice."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output / "config.json", json.dumps(config, indent=2) + "\n")
+        self.metrics_path = output / "metrics.jsonl"
+        kept = [r for r in read_metrics(output) if r["epoch"] <= keep_epochs]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.tensorboard = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=keep_epochs + 1)
+
+    def epoch(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "epoch" and value == value:  # skip NaN
+                self.tensorboard.add_scalar(key, value, record["epoch"])
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def read_metrics(output: Path) -> list[dict]:
+    path = output / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def format_table(records: list[dict]) -> str:
+    """The per-epoch table the trainer prints at the end of a run."""
+    header = f"{'epoch':>5} {'lr':>8} {'train loss':>10} {'train top1':>10} {'val loss':>8} {'val top1':>8} " \
+             f"{'val top5':>8} {'img/s':>8} {'sec':>6}"
+    rows = [header]
+    for r in records:
+        rows.append(
+            f"{r['epoch']:>5} {r['lr']:>8.4f} {r['train_loss']:>10.4f} {r['train_top1']:>10.2f} "
+            f"{r['val_loss']:>8.4f} {r['val_top1']:>8.2f} {r['val_top5']:>8.2f} "
+            f"{r['images_per_sec']:>8.1f} {r['epoch_seconds']:>6.1f}"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `make setup`: everything the package needs, on a fresh Debian/Ubuntu machine or again (idempotent).
+# OpenMPI from apt when missing, a venv (.venv) with the pinned torch/torchvision, mpi4py, DALI, Horovod
+# built for this machine (scripts/build_horovod.sh) and this package (editable, with test deps).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+source "$root/scripts/versions.env"
+venv="${VENV:-$root/.venv}"
+py="$venv/bin/python"
+
+if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: OpenMPI is missing; install openmpi-bin and libopenmpi-dev (needs root), then run make setup again" >&2
+    exit 1
+  fi
+  echo "setup: installing OpenMPI (apt-get)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev >/dev/null
+fi
+
+[ -x "$py" ] || { echo "setup: creating $venv"; python3 -m venv "$venv"; }
+pip() { "$py" -m pip --disable-pip-version-check "$@"; }
+pip install --quiet --upgrade pip setuptools wheel
+echo "setup: torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION, mpi4py, DALI (already installed ones are kept)"
+pip install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+  "mpi4py==$MPI4PY_VERSION" "$DALI_PACKAGE==$DALI_VERSION" cmake
+bash "$root/scripts/build_horovod.sh" "$py"
+pip install --quiet -e "$root[dev]"
+"$venv/bin/horovodrun" --check-build
+echo "setup: done ($venv)"

@@ -1,0 +1,50 @@
+"""The paper's model choices: zero-init residual gamma and no weight decay on BN/bias (Sec. 5.1)."""
+import torch
+import torchvision.models.resnet as tv
+
+from hvd_imagenet.model import build_model, parameter_groups, weights_digest
+
+
+def last_bns(model):
+    return [block.bn3 if isinstance(block, tv.Bottleneck) else block.bn2
+            for block in model.modules() if isinstance(block, (tv.Bottleneck, tv.BasicBlock))]
+
+
+def test_zero_init_residual_sets_last_gamma_of_every_block_to_zero():
+    model = build_model("resnet50", 10, zero_init_residual=True)
+    bns = last_bns(model)
+    assert len(bns) == 16  # ResNet-50: 3 + 4 + 6 + 3 bottlenecks
+    assert all(torch.count_nonzero(bn.weight) == 0 for bn in bns)
+    assert torch.all(model.bn1.weight == 1)  # other BN gammas keep 1
+    plain = build_model("resnet50", 10, zero_init_residual=False)
+    assert all(torch.all(bn.weight == 1) for bn in last_bns(plain))
+
+
+def test_block_starts_as_identity():
+    model = build_model("resnet18", 10, zero_init_residual=True).eval()
+    block = model.layer1[0]  # BasicBlock without downsample: out = relu(x + 0)
+    x = torch.rand(2, 64, 8, 8)
+    assert torch.equal(block(x), torch.relu(x))
+
+
+def test_no_weight_decay_on_bn_and_bias():
+    model = build_model("resnet50", 10, zero_init_residual=True)
+    decay, no_decay = parameter_groups(model, 1e-4, bn_weight_decay=False)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    bn_params = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
+                 for p in ("weight", "bias")}
+    assert no_decay_names == bn_params | {"fc.bias"}
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - no_decay_names
+    decay_all, none = parameter_groups(model, 1e-4, bn_weight_decay=True)
+    assert len(decay_all["params"]) == len(names) and not none["params"]
+
+
+def test_weights_digest_sees_any_change():
+    model = build_model("resnet18", 10, zero_init_residual=True)
+    before = weights_digest(model)
+    assert weights_digest(model) == before
+    with torch.no_grad():
+        model.layer3[1].conv2.weight[0, 0, 0, 0] += 1e-3
+    assert weights_digest(model) != before

@@ -1,0 +1,71 @@
+"""`hvd-imagenet train` under a real horovodrun: 2 ranks on localhost, Gloo and MPI controllers."""
+import json
+
+import pytest
+import torch
+
+from hvd_imagenet.model import build_model, weights_digest
+
+from conftest import TINY_TRAIN, read_jsonl, run_horovod
+
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_sec",
+               "epoch_seconds", "world_size", "global_batch", "val_images", "steps", "weights_digests"}
+
+
+def check_run(output, epochs, global_batch, val_images):
+    """What every finished run must leave: resolved config, one metrics record per epoch, checkpoints,
+    TensorBoard events, and the same weights on every rank (checked against rank 0's checkpoint)."""
+    config = json.loads((output / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch"] == global_batch
+    assert config["peak_lr"] == pytest.approx(0.1 * global_batch / 256)
+    records = read_jsonl(output / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
+    for record in records:
+        assert METRIC_KEYS <= set(record)
+        assert record["world_size"] == 2 and record["global_batch"] == global_batch
+        assert record["val_images"] == val_images  # every val image counted exactly once across ranks
+        assert 0 <= record["val_top1"] <= record["val_top5"] <= 100
+        assert record["train_loss"] > 0 and record["images_per_sec"] > 0
+        assert len(record["weights_digests"]) == 2
+        assert record["weights_digests"][0] == record["weights_digests"][1]
+    state = torch.load(output / "checkpoints" / f"epoch-{epochs:04d}.pt", weights_only=True)
+    model = build_model(config["arch"], config["num_classes"], zero_init_residual=True)
+    model.load_state_dict(state["model"])
+    assert weights_digest(model) == records[-1]["weights_digests"][0]
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    return records, state
+
+
+def test_gloo_two_ranks(tiny_data, tmp_path):
+    output = tmp_path / "run"
+    result = run_horovod("--data", tiny_data, "--output", output, "--epochs", "2", *TINY_TRAIN)
+    records, state = check_run(output, epochs=2, global_batch=8, val_images=20)
+    assert state["step"] == records[-1]["steps"] == 2 * 6  # 24 images per rank / n=4
+    assert records[0]["lr"] == pytest.approx(0.1 * 8 / 256)  # kn=8 < 256: no warmup ramp, peak from the start
+    assert records[1]["lr"] == pytest.approx(0.1 * 8 / 256 * 0.1)  # x0.1 once 1 epoch is done (--lr-steps 1)
+    assert "val top1" in result.stdout  # rank 0's per-epoch table
+
+
+def test_mpi_fp16_virtual_workers(tiny_data, tmp_path):
+    """MPI controller, fp16 gradient compression, 2 micro-batches per allreduce: kn = 2 x 2 x 4 = 16."""
+    output = tmp_path / "run"
+    run_horovod("--data", tiny_data, "--output", output, "--epochs", "1", "--compression", "fp16",
+                "--batches-per-allreduce", "2", *TINY_TRAIN, controller="--mpi")
+    records, state = check_run(output, epochs=1, global_batch=16, val_images=20)
+    assert state["step"] == 3  # 6 micro-batches per rank / 2 per step
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+    """Stop after epoch 1, resume for epoch 2: the same metrics and weights as one 2-epoch run (CPU)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_horovod("--data", tiny_data, "--output", whole, "--epochs", "2", *TINY_TRAIN)
+    run_horovod("--data", tiny_data, "--output", split, "--epochs", "1", *TINY_TRAIN)
+    result = run_horovod("--data", tiny_data, "--output", split, "--epochs", "2", "--resume", *TINY_TRAIN)
+    assert "continuing from" in result.stdout
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert len(a) == len(b) == 2
+    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "weights_digests"):
+        assert a[1][key] == b[1][key], key
+    wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)
