@@ -1,6 +1,7 @@
 """torchvision ImageFolder + DataLoader: PIL decode on CPU worker processes."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -41,6 +42,17 @@ class ToDevice:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Loader workers start from a forkserver, never by fork(): after hvd.init() the process has threads
+    (Horovod's background loop, TensorBoard's writer, tqdm's monitor), and a child forked while one of them
+    holds a lock deadlocks at start (seen here: a val worker hung forever, its rank waiting on it). Fork is
+    also unsafe with InfiniBand verbs on GPU nodes, which is why Horovod's own examples use a forkserver.
+    The server preloads torch and torchvision, so each worker starts in well under a second."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torchvision", __name__])
+    return context
+
+
 def default_workers(ctx: DistContext) -> int:
     return max(1, (os.cpu_count() or 1) // ctx.local_size)
 
@@ -74,15 +86,13 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
     )
     workers = config.workers or default_workers(ctx)
     pin = ctx.device.type == "cuda"
-    # On GPU nodes, fork after MPI/NCCL init is unsafe with InfiniBand verbs: start workers from a forkserver.
-    context = "forkserver" if pin else None
     train = DataLoader(
         train_set, batch_size=config.batch_size, sampler=train_sampler, num_workers=workers,
-        pin_memory=pin, drop_last=True, multiprocessing_context=context,
+        pin_memory=pin, drop_last=True, multiprocessing_context=worker_context(),
     )
     val = DataLoader(
         val_set, batch_size=config.batch_size, sampler=ShardSampler(len(val_set), ctx.rank, ctx.size),
-        num_workers=workers, pin_memory=pin, multiprocessing_context=context,
+        num_workers=workers, pin_memory=pin, multiprocessing_context=worker_context(),
     )
     return Loaders(
         train=ToDevice(train, ctx.device),
