@@ -74,8 +74,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
     policy = build_dataclass(LRPolicy, args)
-    if policy.warmup != "none" and policy.warmup_epochs > args.epochs:
-        raise UserError(f"--warmup-epochs {policy.warmup_epochs:g} is longer than --epochs {args.epochs}")
+    policy.check_fits(args.epochs)
     global_batch = args.world_size * args.batches_per_allreduce * args.batch_size
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["iteration", "epoch", "lr"])

@@ -65,8 +65,7 @@ class TrainConfig:
             raise UserError(f"--loader must be one of {', '.join(LOADERS)}, not {self.loader!r}")
         if self.compression not in COMPRESSIONS:
             raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
-        if self.lr.warmup != "none" and self.lr.warmup_epochs > self.epochs:
-            raise UserError(f"--warmup-epochs {self.lr.warmup_epochs:g} is longer than --epochs {self.epochs}")
+        self.lr.check_fits(self.epochs)
         if self.val_resize < self.image_size:
             raise UserError(f"--val-resize {self.val_resize} is smaller than --image-size {self.image_size}")
         if not self.output:

@@ -48,6 +48,11 @@ class LRPolicy:
         if list(self.lr_steps) != sorted(set(self.lr_steps)) or any(s <= 0 for s in self.lr_steps):
             raise UserError(f"--lr-steps must be increasing positive epochs, not {','.join(map(str, self.lr_steps))}")
 
+    def check_fits(self, epochs: int) -> None:
+        """Warmup must end within the run."""
+        if self.warmup != "none" and self.warmup_epochs > epochs:
+            raise UserError(f"--warmup-epochs {self.warmup_epochs:g} is longer than --epochs {epochs}")
+
 
 def peak_lr(policy: LRPolicy, global_batch: int) -> float:
     """The lr after warmup for minibatch kn = global_batch (the scaling rule, Sec. 2.1 / Table 2a)."""
