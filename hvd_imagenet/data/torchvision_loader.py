@@ -47,7 +47,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     (Horovod's background loop, TensorBoard's writer, tqdm's monitor), and a child forked while one of them
     holds a lock deadlocks at start (seen here: a val worker hung forever, its rank waiting on it). Fork is
     also unsafe with InfiniBand verbs on GPU nodes, which is why Horovod's own examples use a forkserver.
-    The server preloads torch and torchvision, so each worker starts in well under a second."""
+    The server preloads torch and torchvision, so workers forked from it need not import them again."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchvision", __name__])
     return context
@@ -86,13 +86,14 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
     )
     workers = config.workers or default_workers(ctx)
     pin = ctx.device.type == "cuda"
+    context = worker_context()
     train = DataLoader(
         train_set, batch_size=config.batch_size, sampler=train_sampler, num_workers=workers,
-        pin_memory=pin, drop_last=True, multiprocessing_context=worker_context(),
+        pin_memory=pin, drop_last=True, multiprocessing_context=context,
     )
     val = DataLoader(
         val_set, batch_size=config.batch_size, sampler=ShardSampler(len(val_set), ctx.rank, ctx.size),
-        num_workers=workers, pin_memory=pin, multiprocessing_context=worker_context(),
+        num_workers=workers, pin_memory=pin, multiprocessing_context=context,
     )
     return Loaders(
         train=ToDevice(train, ctx.device),
