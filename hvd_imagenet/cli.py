@@ -1,4 +1,4 @@
-"""`hvd-imagenet`: train, schedule, make-dataset.
+"""`hvd-imagenet`: train, schedule, make-dataset, check-data, bench-loader.
 
 The train flags are built from the fields of config.TrainConfig (and the lr fields of schedule.LRPolicy), one
 flag per field, so defaults and help live with the dataclass. Problems a user can fix end as one line on
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -61,10 +62,15 @@ def build_dataclass(cls, args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .comm import PeerFailure
     from .config import TrainConfig
     from .train import main
 
-    main(build_dataclass(TrainConfig, args))
+    try:
+        main(build_dataclass(TrainConfig, args))
+    except PeerFailure:  # one line per surviving rank, not a traceback each from hundreds of ranks
+        raise UserError("stopped: another rank failed and Horovod shut down; the first error in the log "
+                        "names the cause") from None
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
@@ -89,6 +95,48 @@ def cmd_make_dataset(args: argparse.Namespace) -> None:
     count = make_dataset(Path(args.output), args.classes, args.train_per_class, args.val_per_class, args.seed,
                          args.workers)
     print(f"make-dataset: wrote {count} JPEG files to {args.output}")
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.check import per_class_counts, scan, summary, write_file_list
+
+    data = Path(args.data)
+    reports = scan(data, args.workers, progress=not args.json)
+    unreadable = [r for r in reports if r.problem]
+    if args.json:
+        print(json.dumps({
+            "data": str(data), "images": len(reports), "per_class": per_class_counts(reports),
+            "odd": {r.path: r.oddity for r in reports if r.problem is None and r.oddity},
+            "unreadable": {r.path: r.problem for r in unreadable},
+        }, indent=1))
+    else:
+        print(summary(reports))
+    if args.write_file_list:
+        count = write_file_list(reports, Path(args.write_file_list))
+        print(f"check-data: wrote {count} readable files to {args.write_file_list}; "
+              f"train with --file-list {args.write_file_list}", file=sys.stderr)
+        return 0
+    if unreadable:
+        print(f"check-data: {len(unreadable)} unreadable file(s); write a list without them with "
+              "--write-file-list F and train with --file-list F", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench_loader(args: argparse.Namespace) -> None:
+    import json
+
+    from .bench.loader import bench_loaders, format_report
+
+    for name in ("batch_size", "epochs", "threads", "repeats", "image_size", "dali_prefetch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+    report = bench_loaders(Path(args.data), args.loader or ["dali", "torchvision"], args.batch_size, args.epochs,
+                           args.threads, args.repeats, args.image_size, args.dali_device, args.dali_prefetch)
+    report["command"] = "hvd-imagenet " + " ".join(sys.argv[1:])
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,20 +170,48 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     make.set_defaults(run=cmd_make_dataset)
+
+    check = commands.add_parser("check-data", help="decode every image once; report odd and unreadable files",
+                                description="Exit status 1 when a file cannot be decoded (0 with "
+                                            "--write-file-list, whose list leaves such files out).")
+    check.add_argument("--data", required=True, help="DIR/train/<class>/*, DIR/val/<class>/*")
+    check.add_argument("--write-file-list", metavar="F", help="write the readable files here, for train --file-list")
+    check.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    check.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    check.set_defaults(run=cmd_check_data)
+
+    from .config import DALI_DEVICES, LOADERS
+
+    bench = commands.add_parser("bench-loader", help="input pipelines side by side: img/s, CPU-s/img, memory",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--data", required=True, help="DIR/train/<class>/* (the train split is read)")
+    bench.add_argument("--loader", action="append", choices=LOADERS[:2],
+                       help="repeat to compare; the last is the baseline of the ratio (default: dali, torchvision)")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--epochs", type=int, default=2, help="timed epochs per repeat, after one untimed")
+    bench.add_argument("--repeats", type=int, default=3, help="the table shows the median over repeats")
+    bench.add_argument("--threads", type=int, default=os.cpu_count(),
+                       help="DALI threads and DataLoader workers alike")
+    bench.add_argument("--dali-device", choices=DALI_DEVICES, default="auto")
+    bench.add_argument("--dali-prefetch", type=int, default=2)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(run=cmd_bench_loader)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    status = 0
     try:
-        args.run(args)
+        status = args.run(args)
     except UserError as error:
         print(f"hvd-imagenet {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `hvd-imagenet schedule ... | head`
         sys.stderr.close()
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Raised on every other rank when one rank dies (an exception, a killed process): Horovod shuts down.
+PeerFailure = hvd.HorovodInternalError
+
 COMPRESSORS = {
     "none": hvd.Compression.none,
     "fp16": hvd.Compression.fp16,  # gradients cast to float16 on the wire, back to their dtype after

@@ -6,6 +6,7 @@ metadata carries the help text; a nested dataclass (the lr policy) contributes i
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 
 import torchvision.models
@@ -13,13 +14,19 @@ import torchvision.models
 from .errors import UserError
 from .schedule import LRPolicy
 
-LOADERS = ("torchvision", "synthetic")
+LOADERS = ("dali", "torchvision", "synthetic")
+DALI_DEVICES = ("auto", "cpu", "gpu")
 COMPRESSIONS = ("none", "fp16")  # names of comm.COMPRESSORS; checked there too
 
 
 def resnet_names() -> list[str]:
     """Every ResNet constructor torchvision ships (resnet18..152, resnext*, wide_resnet*)."""
     return sorted(name for name in torchvision.models.resnet.__all__ if name[0].islower())
+
+
+def default_loader() -> str:
+    """DALI where it is installed (it is a dependency, but a user may have left it out), else torchvision."""
+    return "dali" if importlib.util.find_spec("nvidia.dali") else "torchvision"
 
 
 def _help(text: str) -> dict:
@@ -47,22 +54,34 @@ class TrainConfig:
     compression: str = field(default="none", metadata=_help(f"gradient compression: {', '.join(COMPRESSIONS)}"))
     seed: int = field(default=0, metadata=_help("seed for init, shuffling and augmentation"))
     max_steps_per_epoch: int = field(default=0, metadata=_help("cap on optimizer steps per epoch (0: no cap)"))
-    loader: str = field(default="torchvision", metadata=_help(f"input pipeline: {', '.join(LOADERS)}"))
-    workers: int = field(default=0, metadata=_help("loader worker processes per rank (0: cores / local ranks)"))
+    channels_last: bool = field(default=False, metadata=_help("NHWC memory format for images and model"))
+    loader: str = field(default_factory=default_loader,
+                        metadata=_help(f"input pipeline: {', '.join(LOADERS)} (dali when installed)"))
+    file_list: str = field(default="", metadata=_help("only these files (`check-data --write-file-list`)"))
+    dali_device: str = field(default="auto", metadata=_help(
+        "DALI decode: gpu (nvJPEG, mixed) or cpu; auto: gpu when this rank has one"))
+    dali_threads: int = field(default=0, metadata=_help("DALI CPU threads per rank (0: cores / local ranks)"))
+    dali_prefetch: int = field(default=2, metadata=_help("DALI batches decoded ahead of the one in use"))
+    workers: int = field(default=0, metadata=_help(
+        "torchvision DataLoader worker processes per rank (0: cores / local ranks)"))
     resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output"))
 
     def __post_init__(self):
-        positive = ("epochs", "batch_size", "image_size", "val_resize", "batches_per_allreduce")
+        positive = ("epochs", "batch_size", "image_size", "val_resize", "batches_per_allreduce", "dali_prefetch")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
-        for name in ("max_steps_per_epoch", "workers", "weight_decay", "momentum"):
+        for name in ("max_steps_per_epoch", "workers", "dali_threads", "weight_decay", "momentum"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
         if self.arch not in resnet_names():
             raise UserError(f"--arch {self.arch!r} is not a torchvision ResNet; choose from {', '.join(resnet_names())}")
         if self.loader not in LOADERS:
             raise UserError(f"--loader must be one of {', '.join(LOADERS)}, not {self.loader!r}")
+        if self.dali_device not in DALI_DEVICES:
+            raise UserError(f"--dali-device must be one of {', '.join(DALI_DEVICES)}, not {self.dali_device!r}")
+        if self.loader == "dali" and not importlib.util.find_spec("nvidia.dali"):
+            raise UserError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         if self.compression not in COMPRESSIONS:
             raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
         self.lr.check_fits(self.epochs)

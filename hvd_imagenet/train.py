@@ -52,6 +52,8 @@ def main(config: TrainConfig) -> None:
     # 3. Model and optimizer: zero-init residual gamma, no weight decay on BN/bias (Sec. 5.1), Nesterov SGD.
     torch.manual_seed(config.seed)
     model = build_model(config.arch, loaders.num_classes, config.zero_init_residual).to(ctx.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         parameter_groups(model, config.weight_decay, config.bn_weight_decay),
         lr=config.lr.base_lr, momentum=config.momentum, nesterov=config.nesterov,
@@ -65,11 +67,13 @@ def main(config: TrainConfig) -> None:
 
     resolved = {**config.to_dict(), "world_size": ctx.size, "global_batch": global_batch,
                 "peak_lr": peak_lr(config.lr, global_batch), "steps_per_epoch": steps_per_epoch,
-                "num_classes": loaders.num_classes, "device": str(ctx.device)}
+                "num_classes": loaders.num_classes, "device": str(ctx.device),
+                "input": loaders.description}
     writer = RunWriter(output, resolved, keep_epochs=start_epoch) if ctx.is_primary else None
     log.info("hvd-imagenet: %s on %d rank(s) (%s), n=%d, global batch kn=%d, peak lr %.4g, %d steps/epoch",
              config.arch, ctx.size, ctx.device.type, config.batch_size, global_batch, resolved["peak_lr"],
              steps_per_epoch)
+    log.info("input: %s", loaders.description)
 
     # 5. The epochs.
     for epoch in range(start_epoch, config.epochs):

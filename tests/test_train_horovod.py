@@ -1,12 +1,14 @@
 """`hvd-imagenet train` under a real horovodrun: 2 ranks on localhost, Gloo and MPI controllers."""
 import json
+import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from hvd_imagenet.model import build_model, weights_digest
 
-from conftest import TINY_TRAIN, read_jsonl, run_horovod
+from conftest import TINY_TRAIN, read_jsonl, run_cli, run_horovod
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_sec",
                "epoch_seconds", "world_size", "global_batch", "val_images", "steps", "weights_digests"}
@@ -38,8 +40,10 @@ def check_run(output, epochs, global_batch, val_images):
 
 def test_gloo_two_ranks(tiny_data, tmp_path):
     output = tmp_path / "run"
-    result = run_horovod("--data", tiny_data, "--output", output, "--epochs", "2", *TINY_TRAIN)
+    result = run_horovod("--data", tiny_data, "--output", output, "--epochs", "2", "--loader", "torchvision",
+                         *TINY_TRAIN)
     records, state = check_run(output, epochs=2, global_batch=8, val_images=20)
+    assert "input: torchvision DataLoader, 1 worker processes per rank" in result.stdout
     assert state["step"] == records[-1]["steps"] == 2 * 6  # 24 images per rank / n=4
     assert records[0]["lr"] == pytest.approx(0.1 * 8 / 256)  # kn=8 < 256: no warmup ramp, peak from the start
     assert records[1]["lr"] == pytest.approx(0.1 * 8 / 256 * 0.1)  # x0.1 once 1 epoch is done (--lr-steps 1)
@@ -47,20 +51,24 @@ def test_gloo_two_ranks(tiny_data, tmp_path):
 
 
 def test_mpi_fp16_virtual_workers(tiny_data, tmp_path):
-    """MPI controller, fp16 gradient compression, 2 micro-batches per allreduce: kn = 2 x 2 x 4 = 16."""
+    """MPI controller, DALI, fp16 gradient compression, 2 micro-batches per allreduce: kn = 2 x 2 x 4 = 16."""
     output = tmp_path / "run"
-    run_horovod("--data", tiny_data, "--output", output, "--epochs", "1", "--compression", "fp16",
-                "--batches-per-allreduce", "2", *TINY_TRAIN, controller="--mpi")
+    result = run_horovod("--data", tiny_data, "--output", output, "--epochs", "1", "--compression", "fp16",
+                         "--batches-per-allreduce", "2", "--loader", "dali", *TINY_TRAIN, controller="--mpi")
+    assert "input: DALI, decoding on the CPU, 1 threads per rank" in result.stdout
     records, state = check_run(output, epochs=1, global_batch=16, val_images=20)
     assert state["step"] == 3  # 6 micro-batches per rank / 2 per step
 
 
-def test_resume_equals_uninterrupted(tiny_data, tmp_path):
-    """Stop after epoch 1, resume for epoch 2: the same metrics and weights as one 2-epoch run (CPU)."""
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, loader):
+    """Stop after epoch 1, resume for epoch 2: the same metrics and weights as one 2-epoch run (CPU). The
+    torchvision workers persist across epochs in the uninterrupted run and start fresh in the resumed one."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    run_horovod("--data", tiny_data, "--output", whole, "--epochs", "2", *TINY_TRAIN)
-    run_horovod("--data", tiny_data, "--output", split, "--epochs", "1", *TINY_TRAIN)
-    result = run_horovod("--data", tiny_data, "--output", split, "--epochs", "2", "--resume", *TINY_TRAIN)
+    train = ["--data", tiny_data, "--loader", loader, *TINY_TRAIN]
+    run_horovod("--output", whole, "--epochs", "2", *train)
+    run_horovod("--output", split, "--epochs", "1", *train)
+    result = run_horovod("--output", split, "--epochs", "2", "--resume", *train)
     assert "continuing from" in result.stdout
     a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
     assert len(a) == len(b) == 2
@@ -69,3 +77,30 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
     wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
     wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[name], wb[name]) for name in wa)
+
+
+def test_dali_run_with_odd_files_and_a_file_list(tiny_data, tmp_path):
+    """Real ImageNet's odd files and one corrupt file. Without a file list the job stops on both ranks, the
+    error naming the file; with `check-data --write-file-list` it trains on the readable files."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    first, second = sorted((data / "train").iterdir())[:2]
+    with Image.open(sorted(first.iterdir())[0]) as image:
+        image.convert("L").save(first / "gray.JPEG")
+        image.convert("CMYK").save(first / "cmyk.JPEG")
+        image.save(second / "png.JPEG", format="PNG")
+    broken = second / "broken.JPEG"
+    broken.write_bytes((first / "gray.JPEG").read_bytes()[:2000])  # truncated
+    train = ["--data", data, "--loader", "dali", "--epochs", "1", *TINY_TRAIN]
+
+    failed = run_horovod("--output", tmp_path / "failed", *train, check=False, timeout=180)
+    assert failed.returncode != 0
+    assert f"cannot decode {broken}" in failed.stdout + failed.stderr
+    assert "another rank failed" in failed.stdout + failed.stderr  # the other rank stopped too, in one line
+
+    file_list = tmp_path / "files.txt"
+    assert run_cli("check-data", "--data", data, "--write-file-list", file_list).returncode == 0
+    output = tmp_path / "run"
+    run_horovod("--output", output, "--file-list", file_list, *train)
+    records, _ = check_run(output, epochs=1, global_batch=8, val_images=20)
+    assert records[0]["steps"] == 51 // 2 // 4  # 48 + 3 odd readable train files over 2 ranks, n=4

@@ -1,18 +1,22 @@
 """Input pipelines behind one small interface: `build_loaders(config, ctx) -> Loaders`.
 
-Every loader shards by global rank (Horovod rank r of size k), reshuffles the whole training set once per
-epoch with a seed every rank shares and splits it among the k ranks (Goyal et al. Sec. 3, Remark 4), and
-gives each rank a disjoint 1/k of the val set so that every val image is counted exactly once.
+Three loaders (--loader): `dali` (NVIDIA DALI: GPU decode on GPU machines, CPU threads elsewhere),
+`torchvision` (PIL in DataLoader worker processes) and `synthetic` (one fixed batch on the device). The
+real ones read the same samples (layout.list_samples: ImageFolder's files and labels, minus what a
+--file-list excludes) and split them among ranks the same way (shards.py).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from ..comm import DistContext
 from ..config import TrainConfig
+from .layout import class_folders, list_samples, read_file_list
 
 
 @dataclass
@@ -22,6 +26,26 @@ class Loaders:
     train_batches: int  # micro-batches per rank per epoch (equal on every rank)
     num_classes: int
     set_epoch: Callable[[int], None]  # call before each epoch: selects that epoch's global shuffle
+    description: str  # what decodes, where, with how many threads: logged at start
+
+
+@dataclass(frozen=True)
+class Samples:
+    train: list[tuple[str, int]]  # (path, label), ImageFolder's order
+    val: list[tuple[str, int]]
+    num_classes: int
+
+
+def read_samples(data: Path, file_list: str) -> Samples:
+    allowed = read_file_list(Path(file_list)) if file_list else None
+    classes = class_folders(data / "train")
+    return Samples(list_samples(data, "train", classes, allowed), list_samples(data, "val", classes, allowed),
+                   len(classes))
+
+
+def default_threads(ctx: DistContext) -> int:
+    """Decode threads (DALI) or processes (DataLoader) per rank: the machine's cores shared by its ranks."""
+    return max(1, (os.cpu_count() or 1) // ctx.local_size)
 
 
 def build_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
@@ -29,6 +53,11 @@ def build_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
         from .synthetic import synthetic_loaders
 
         return synthetic_loaders(config, ctx)
+    samples = read_samples(Path(config.data), config.file_list)
+    if config.loader == "dali":
+        from .dali import dali_loaders
+
+        return dali_loaders(config, ctx, samples)
     from .torchvision_loader import torchvision_loaders
 
-    return torchvision_loaders(config, ctx)
+    return torchvision_loaders(config, ctx, samples)

@@ -20,6 +20,8 @@ IMAGENET_CLASSES = 1000
 def synthetic_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
     generator = torch.Generator().manual_seed(config.seed + ctx.rank)
     images = torch.randn(config.batch_size, 3, config.image_size, config.image_size, generator=generator)
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, IMAGENET_CLASSES, (config.batch_size,), generator=generator)
     batch = (images.to(ctx.device), labels.to(ctx.device))
     batches = IMAGENET_TRAIN_IMAGES // (ctx.size * config.batch_size)
@@ -29,4 +31,4 @@ def synthetic_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
             return itertools.repeat(batch, batches)
 
     return Loaders(train=Repeat(), val=(), train_batches=batches, num_classes=IMAGENET_CLASSES,
-                   set_epoch=lambda epoch: None)
+                   set_epoch=lambda epoch: None, description="synthetic: one fixed random batch on the device")

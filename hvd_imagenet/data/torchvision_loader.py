@@ -1,45 +1,90 @@
-"""torchvision ImageFolder + DataLoader: PIL decode on CPU worker processes."""
+"""torchvision transforms + DataLoader: PIL decode on CPU worker processes."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from torchvision import datasets, transforms
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.datasets.folder import pil_loader
 
 from ..comm import DistContext
 from ..config import TrainConfig
-from . import Loaders
+from ..errors import UserError
+from . import Loaders, Samples, default_threads
+from .shards import train_shard, val_shard
 
 # ImageNet's per-channel mean and std, the normalization of the paper's Sec. 5.1 (and of torchvision's models).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-class ShardSampler(Sampler[int]):
-    """Indices rank, rank + k, rank + 2k, ...: disjoint shards covering the set once, no padding."""
+class ImageFiles(Dataset):
+    """(path, label) samples decoded by PIL to 3-channel RGB: grayscale and CMYK JPEGs and a PNG named .JPEG
+    (all in real ImageNet) load like any other; an unreadable file is an error that names it."""
 
-    def __init__(self, size: int, rank: int, world_size: int):
-        self.indices = range(rank, size, world_size)
-
-    def __iter__(self):
-        return iter(self.indices)
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        if isinstance(item, tuple):  # (index, augmentation seed) from EpochShard
+            item, seed = item
+            torch.manual_seed(seed)
+        path, label = self.samples[item]
+        try:
+            image = pil_loader(path)  # Image.open(...).convert("RGB")
+        except OSError as error:  # truncated, corrupt, not an image (PIL.UnidentifiedImageError is an OSError)
+            raise UserError(unreadable_message(path, error)) from None
+        return self.transform(image), label
+
+
+def unreadable_message(path: str, reason) -> str:
+    return (f"cannot decode {path} ({reason}); run `hvd-imagenet check-data` and train with --file-list "
+            "to exclude unreadable files")
+
+
+class EpochShard(Sampler[tuple[int, int]]):
+    """This rank's share of the epoch's global shuffle (shards.train_shard); set_epoch picks the epoch.
+
+    Each index comes with the seed of its augmentation, a function of (seed, epoch, index): the crops do not
+    depend on which worker draws them or on what it drew before, so workers can persist across epochs and a
+    resumed run still sees exactly the images of the uninterrupted one."""
+
+    def __init__(self, num_samples: int, seed: int, ctx: DistContext):
+        self.num_samples, self.seed, self.ctx, self.epoch = num_samples, seed, ctx, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        for index in train_shard(self.num_samples, self.seed, self.epoch, self.ctx.rank, self.ctx.size):
+            yield index, epoch_seed * 2**24 + index
+
+    def __len__(self) -> int:
+        return self.num_samples // self.ctx.size
 
 
 class ToDevice:
-    """Re-iterable view of a DataLoader that moves each batch to the rank's device."""
+    """Re-iterable view of a DataLoader that moves each batch to the rank's device. A worker's UserError
+    (an unreadable file) comes back with the worker's traceback in its message: keep our one line."""
 
-    def __init__(self, loader: DataLoader, device: torch.device):
+    def __init__(self, loader: DataLoader, device: torch.device, channels_last: bool):
         self.loader, self.device = loader, device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __iter__(self):
-        for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        try:
+            for images, labels in self.loader:
+                yield (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                       labels.to(self.device, non_blocking=True))
+        except UserError as error:
+            raise UserError(str(error).rstrip().splitlines()[-1].split(": ", 1)[-1]) from None
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -53,52 +98,34 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def default_workers(ctx: DistContext) -> int:
-    return max(1, (os.cpu_count() or 1) // ctx.local_size)
-
-
-def torchvision_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
-    data = Path(config.data)
+def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
     normalize = transforms.Normalize(MEAN, STD)
-    train_set = datasets.ImageFolder(
-        data / "train",
-        transforms.Compose([
-            transforms.RandomResizedCrop(config.image_size),  # scale and aspect-ratio augmentation (Sec. 5.1)
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]),
-    )
-    val_set = datasets.ImageFolder(
-        data / "val",
-        transforms.Compose([
-            transforms.Resize(config.val_resize),  # single center crop of the resized image (Sec. 5.1)
-            transforms.CenterCrop(config.image_size),
-            transforms.ToTensor(),
-            normalize,
-        ]),
-    )
-    # train.main checked the layout (check_layout): both splits hold the same class folders.
-    # One permutation of the whole training set per epoch (seed + epoch, the same on every rank), dealt out
-    # to the k ranks; the tail that does not divide evenly is dropped so every rank runs the same steps.
-    train_sampler = DistributedSampler(
-        train_set, num_replicas=ctx.size, rank=ctx.rank, shuffle=True, seed=config.seed, drop_last=True
-    )
-    workers = config.workers or default_workers(ctx)
-    pin = ctx.device.type == "cuda"
-    context = worker_context()
-    train = DataLoader(
-        train_set, batch_size=config.batch_size, sampler=train_sampler, num_workers=workers,
-        pin_memory=pin, drop_last=True, multiprocessing_context=context,
-    )
-    val = DataLoader(
-        val_set, batch_size=config.batch_size, sampler=ShardSampler(len(val_set), ctx.rank, ctx.size),
-        num_workers=workers, pin_memory=pin, multiprocessing_context=context,
-    )
+    train_set = ImageFiles(samples.train, transforms.Compose([
+        transforms.RandomResizedCrop(config.image_size),  # scale and aspect-ratio augmentation (Sec. 5.1)
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ]))
+    val_set = ImageFiles([samples.val[i] for i in val_shard(len(samples.val), ctx.rank, ctx.size)],
+                         transforms.Compose([
+                             transforms.Resize(config.val_resize),  # single center crop of the resized image
+                             transforms.CenterCrop(config.image_size),  # (Sec. 5.1)
+                             transforms.ToTensor(),
+                             normalize,
+                         ]))
+    sampler = EpochShard(len(train_set), config.seed, ctx)
+    # Workers persist across epochs (no start-up per epoch); the sampler runs in this process, so
+    # set_epoch still selects each epoch's shuffle.
+    options = dict(batch_size=config.batch_size, num_workers=config.workers or default_threads(ctx),
+                   pin_memory=ctx.device.type == "cuda", multiprocessing_context=worker_context(),
+                   persistent_workers=True)
+    train = DataLoader(train_set, sampler=sampler, drop_last=True, **options)
+    val = DataLoader(val_set, **options) if len(val_set) else ()
     return Loaders(
-        train=ToDevice(train, ctx.device),
-        val=ToDevice(val, ctx.device),
+        train=ToDevice(train, ctx.device, config.channels_last),
+        val=ToDevice(val, ctx.device, config.channels_last) if val else (),
         train_batches=len(train),
-        num_classes=len(train_set.classes),
-        set_epoch=train_sampler.set_epoch,
+        num_classes=samples.num_classes,
+        set_epoch=sampler.set_epoch,
+        description=f"torchvision DataLoader, {options['num_workers']} worker processes per rank",
     )

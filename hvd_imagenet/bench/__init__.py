@@ -1,0 +1,1 @@
+"""Benchmarks, each a CLI subcommand: a table on stdout, or --json."""

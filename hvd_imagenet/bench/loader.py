@@ -1,0 +1,178 @@
+"""`hvd-imagenet bench-loader`: input pipelines side by side, in one process, on the same files.
+
+Each repeat builds every loader in turn (the order they were named), reads one untimed epoch (start-up:
+worker processes, DALI's libraries), then times `epochs` epochs of training batches. Reported per loader, as
+the median over repeats: images per second, CPU-seconds per image (this process and its descendants: DALI's
+threads live in the process, DataLoader workers are child processes) and the peak resident memory of the
+process tree. The ratio divides every loader's img/s by the last one's.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..comm import DistContext
+from ..config import TrainConfig
+from ..data import build_loaders
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited while we looked
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one live process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def tree_cpu_seconds() -> dict[int, float]:
+    """CPU-seconds so far of this process and each live descendant (persistent DataLoader workers live
+    through the timed epochs, so the difference of two snapshots is their work)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = {os.getpid(): usage.ru_utime + usage.ru_stime}
+    seconds.update({pid: _cpu_seconds(pid) for pid in _descendants(os.getpid())})
+    return seconds
+
+
+class PeakMemory:
+    """Samples the resident memory of the process tree every `interval` seconds, keeps the peak."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            pids = [os.getpid(), *_descendants(os.getpid())]
+            self.peak = max(self.peak, sum(_rss_bytes(pid) for pid in pids))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Measurement:
+    loader: str
+    description: str
+    images: int
+    seconds: float
+    cpu_seconds: float
+    peak_rss_mib: float
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / self.seconds
+
+
+def measure(config: TrainConfig, ctx: DistContext, epochs: int) -> Measurement:
+    with PeakMemory() as memory:
+        loaders = build_loaders(config, ctx)
+        loaders.set_epoch(0)
+        for _ in loaders.train:  # untimed: start-up
+            pass
+        cpu_before, images = tree_cpu_seconds(), 0
+        start = time.perf_counter()
+        for epoch in range(1, epochs + 1):
+            loaders.set_epoch(epoch)
+            for batch_images, _ in loaders.train:
+                images += batch_images.shape[0]
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        cpu_after = tree_cpu_seconds()
+        cpu = sum(after - cpu_before.get(pid, 0.0) for pid, after in cpu_after.items())
+        description = loaders.description
+        del loaders
+        gc.collect()  # workers and pipelines go before the next loader starts
+    return Measurement(config.loader, description, images, seconds, cpu, memory.peak / 2**20)
+
+
+def bench_loaders(data: Path, loaders: list[str], batch_size: int, epochs: int, threads: int, repeats: int,
+                  image_size: int, dali_device: str, dali_prefetch: int) -> dict:
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx = DistContext(rank=0, local_rank=0, size=1, local_size=1, device=device)
+    runs: dict[str, list[Measurement]] = {name: [] for name in loaders}
+    for _ in range(repeats):  # interleaved, so a slow moment of the machine hits every loader alike
+        for name in loaders:
+            config = TrainConfig(data=str(data), output="(bench-loader writes nothing)", loader=name,
+                                 batch_size=batch_size, image_size=image_size, val_resize=image_size,
+                                 workers=threads, dali_threads=threads, dali_device=dali_device,
+                                 dali_prefetch=dali_prefetch)
+            runs[name].append(measure(config, ctx, epochs))
+    results = []
+    for name, measurements in runs.items():
+        results.append({
+            "loader": name,
+            "description": measurements[0].description,
+            "images_per_sec": statistics.median(m.images_per_sec for m in measurements),
+            "cpu_seconds_per_image": statistics.median(m.cpu_seconds / m.images for m in measurements),
+            "peak_rss_mib": max(m.peak_rss_mib for m in measurements),
+            "images_per_repeat": measurements[0].images,
+            "runs_images_per_sec": [m.images_per_sec for m in measurements],
+        })
+    baseline = results[-1]["images_per_sec"]
+    for result in results:
+        result["ratio"] = result["images_per_sec"] / baseline
+    return {
+        "benchmark": "bench-loader", "data": str(data), "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)", "batch_size": batch_size,
+        "image_size": image_size, "threads": threads, "epochs": epochs, "repeats": repeats,
+        "results": results,
+    }
+
+
+def format_report(report: dict) -> str:
+    baseline = report["results"][-1]["loader"]
+    rows = [f"bench-loader: {report['device']}, batch {report['batch_size']}, {report['image_size']} px, "
+            f"{report['threads']} threads/workers, median of {report['repeats']} x {report['epochs']} epochs",
+            f"{'loader':<12} {'img/s':>9} {'CPU-s/img':>10} {'peak MiB':>9} {'vs ' + baseline:>15}  what"]
+    for r in report["results"]:
+        rows.append(f"{r['loader']:<12} {r['images_per_sec']:>9.1f} {r['cpu_seconds_per_image']:>10.4f} "
+                    f"{r['peak_rss_mib']:>9.0f} {r['ratio']:>14.2f}x  {r['description']}")
+    return "\n".join(rows)

@@ -1,0 +1,168 @@
+"""NVIDIA DALI: decode and augment on the GPU (nvJPEG, `mixed`) on GPU machines, on CPU threads elsewhere.
+
+Each rank reads its own shard by global rank (shards.py): the epoch's global shuffle is a file list this
+module hands to `fn.readers.file`, so the order is a function of (seed, epoch) alone, the same for every loader
+and the same after a resume. DALI's own sharding (`shard_id`, `num_shards`) is not used: with
+`shuffle_after_epoch` its permutation comes from an internal seed and an epoch counter that restarts at 0 when
+a job is resumed, and uneven val shards under its PARTIAL policy hand the smaller shard empty batches.
+
+A pipeline is built for each pass over the data (one epoch of training, one evaluation): building one takes
+about 10 ms, and a fresh pipeline cannot continue a pass that `--max-steps-per-epoch` cut short.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from ..comm import DistContext
+from ..config import TrainConfig
+from ..errors import UserError
+from . import Loaders, Samples, default_threads
+from .check import image_problem
+from .shards import train_shard, val_shard
+from .torchvision_loader import MEAN, STD, unreadable_message
+
+log = logging.getLogger(__name__)
+
+# DALI normalizes uint8 pixels: ImageNet's mean and std in 0..255.
+MEAN_255 = [255 * m for m in MEAN]
+STD_255 = [255 * s for s in STD]
+
+
+def choose_device(requested: str, ctx: DistContext) -> str:
+    """gpu when this rank has a GPU (or asked for it), else cpu. DALI never falls back by itself: a mixed
+    decoder on a machine without a GPU fails when the pipeline is built."""
+    has_gpu = ctx.device.type == "cuda"
+    if requested == "gpu" and not has_gpu:
+        raise UserError("--dali-device gpu: this rank has no GPU (torch.cuda.is_available() is False); "
+                        "use --dali-device cpu or auto")
+    if requested == "auto":
+        return "gpu" if has_gpu else "cpu"
+    return requested
+
+
+@pipeline_def
+def train_pipeline(files: list[str], labels: list[int], device: str, image_size: int, channels_last: bool):
+    encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="reader")
+    # Scale and aspect-ratio augmentation (Sec. 5.1), as torchvision's RandomResizedCrop draws it, decoding
+    # only the crop's region of the JPEG.
+    images = fn.decoders.image_random_crop(
+        encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+        random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+    )
+    images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
+                       antialias=True)
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
+        mean=MEAN_255, std=STD_255, mirror=fn.random.coin_flip(probability=0.5),
+    )
+    return images, label
+
+
+@pipeline_def
+def val_pipeline(files: list[str], labels: list[int], device: str, image_size: int, val_resize: int,
+                 channels_last: bool):
+    encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="reader")
+    images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    # A single center crop of the image resized to val_resize on its shorter side (Sec. 5.1).
+    images = fn.resize(images, resize_shorter=val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
+        crop=(image_size, image_size), mean=MEAN_255, std=STD_255,
+    )
+    return images, label
+
+
+class DaliPass:
+    """One pass over a list of samples per iteration: builds the pipeline, yields (images, labels) on the
+    rank's device, and turns a decode failure into a UserError that names the file."""
+
+    def __init__(self, samples: list[tuple[str, int]], build, ctx: DistContext, batch_size: int, prefetch: int,
+                 channels_last: bool):
+        self.samples, self.build, self.ctx = samples, build, ctx
+        self.batch_size, self.prefetch, self.channels_last = batch_size, prefetch, channels_last
+
+    def __iter__(self):
+        if not self.samples:
+            return
+        files = [path for path, _ in self.samples]
+        pipeline = self.build(files, [label for _, label in self.samples])
+        batches = DALIGenericIterator(pipeline, ["images", "labels"], reader_name="reader",
+                                      last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+        batch_index = 0
+        try:
+            while True:
+                try:
+                    outputs = next(batches)[0]
+                except StopIteration:
+                    return
+                except RuntimeError as error:
+                    raise UserError(self.decode_failure(error, files, batch_index)) from None
+                images = outputs["images"]
+                if self.channels_last:  # NHWC from DALI is NCHW in channels_last memory format, no copy
+                    images = images.permute(0, 3, 1, 2)
+                yield (images.to(self.ctx.device, non_blocking=True),
+                       outputs["labels"].squeeze(-1).long().to(self.ctx.device, non_blocking=True))
+                batch_index += 1
+        finally:
+            del batches, pipeline  # the pipeline's threads and buffers go with the pass
+
+    def decode_failure(self, error: RuntimeError, files: list[str], batch_index: int) -> str:
+        """DALI names the file for some failures ("Failed to decode sample #3 : <path>"), not for all
+        ("nvImageCodec failure: '#4'"). Then the culprit is in a batch in flight: the one asked for or one
+        decoded ahead of it; check those files with PIL."""
+        text = str(error)
+        named = re.search(r"Failed to decode sample #\d+ : (.+)", text)
+        if named:
+            return unreadable_message(named.group(1).strip(), "DALI could not decode it")
+        in_flight = files[batch_index * self.batch_size:(batch_index + self.prefetch + 2) * self.batch_size]
+        for path in in_flight:
+            problem = image_problem(path)
+            if problem:
+                return unreadable_message(path, problem)
+        reason = text.split("encountered:", 1)[-1].strip().splitlines()[0] if "encountered:" in text else text
+        return f"DALI failed in batch {batch_index} ({in_flight[0]} ... {in_flight[-1]}): {reason}"
+
+
+def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
+    device = choose_device(config.dali_device, ctx)
+    threads = config.dali_threads or default_threads(ctx)
+    options = dict(batch_size=config.batch_size, num_threads=threads, prefetch_queue_depth=config.dali_prefetch,
+                   device_id=ctx.local_rank if device == "gpu" else None)
+    size, layout = config.image_size, config.channels_last
+    epoch = [0]
+
+    def build_train(files: list[str], labels: list[int]):
+        # Augmentation draws from (seed, epoch, rank): a resumed run crops what the uninterrupted one did.
+        seed = int(np.random.SeedSequence([config.seed, epoch[0], ctx.rank]).generate_state(1)[0] >> 1)
+        return train_pipeline(files, labels, device, size, layout, seed=seed, **options)
+
+    def build_val(files: list[str], labels: list[int]):
+        return val_pipeline(files, labels, device, size, config.val_resize, layout, seed=config.seed, **options)
+
+    train = DaliPass([], build_train, ctx, config.batch_size, config.dali_prefetch, layout)
+
+    def set_epoch(new_epoch: int) -> None:
+        indices = train_shard(len(samples.train), config.seed, new_epoch, ctx.rank, ctx.size)
+        usable = len(indices) // config.batch_size * config.batch_size  # full batches only
+        train.samples = [samples.train[i] for i in indices[:usable]]
+        epoch[0] = new_epoch
+
+    set_epoch(0)
+    val = DaliPass([samples.val[i] for i in val_shard(len(samples.val), ctx.rank, ctx.size)], build_val, ctx,
+                   config.batch_size, config.dali_prefetch, layout)
+    where = "GPU (nvJPEG, mixed)" if device == "gpu" else f"CPU, {threads} threads per rank"
+    return Loaders(
+        train=train,
+        val=val,
+        train_batches=len(samples.train) // ctx.size // config.batch_size,
+        num_classes=samples.num_classes,
+        set_epoch=set_epoch,
+        description=f"DALI, decoding on the {where}",
+    )
