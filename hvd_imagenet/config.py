@@ -9,8 +9,6 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
-import torchvision.models
-
 from .errors import UserError
 from .schedule import LRPolicy
 
@@ -21,6 +19,8 @@ COMPRESSIONS = ("none", "fp16")  # names of comm.COMPRESSORS; checked there too
 
 def resnet_names() -> list[str]:
     """Every ResNet constructor torchvision ships (resnet18..152, resnext*, wide_resnet*)."""
+    import torchvision.models  # here, not at the top: `hvd-imagenet --help` need not wait for torch
+
     return sorted(name for name in torchvision.models.resnet.__all__ if name[0].islower())
 
 

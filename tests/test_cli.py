@@ -30,11 +30,21 @@ def bad_cases(data_copy, tmp_path):
         "negative lr": (["--data", data_copy, "--base-lr", "-0.1"], "--base-lr must be > 0", None),
         "unknown compression": (["--data", data_copy, "--compression", "zip"], "--compression must be", None),
         "not a number": (["--data", data_copy, "--epochs", "many"], "invalid int value", None),
+        "missing file list": (["--data", data_copy, "--file-list", tmp_path / "none.txt"],
+                              "none.txt: No such file or directory", None),
+        "file list without val": (["--data", data_copy, "--file-list", tmp_path / "train-only.txt"],
+                                  "no val images in --file-list",
+                                  lambda: (tmp_path / "train-only.txt").write_text(
+                                      "\n".join(f"train/{first.name}/{p.name}" for p in first.iterdir()))),
+        "unknown dali device": (["--data", data_copy, "--dali-device", "tpu"], "--dali-device must be one of", None),
+        "dali gpu without a GPU": (["--data", data_copy, "--loader", "dali", "--dali-device", "gpu"],
+                                   "--dali-device gpu: this rank has no GPU", None),
     }
 
 
 CASES = ["missing data dir", "empty class folder", "classes differ", "batch size 0", "unknown arch",
-         "warmup longer than training", "negative lr", "unknown compression", "not a number"]
+         "warmup longer than training", "negative lr", "unknown compression", "not a number", "missing file list",
+         "file list without val", "unknown dali device", "dali gpu without a GPU"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -47,6 +57,14 @@ def test_bad_input_is_one_clear_line(case, data_copy, tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("command", ["check-data", "bench-loader"])
+def test_data_commands_on_a_missing_directory(command, tmp_path):
+    result = run_cli(command, "--data", tmp_path / "nowhere")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"hvd-imagenet {command}: error: --data {tmp_path / 'nowhere'}: "
+                                                  "no such directory"]
 
 
 def test_schedule_paper_numbers():

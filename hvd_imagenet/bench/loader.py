@@ -22,6 +22,7 @@ import torch
 from ..comm import DistContext
 from ..config import TrainConfig
 from ..data import build_loaders
+from ..data.layout import check_layout
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -133,6 +134,7 @@ def measure(config: TrainConfig, ctx: DistContext, epochs: int) -> Measurement:
 
 def bench_loaders(data: Path, loaders: list[str], batch_size: int, epochs: int, threads: int, repeats: int,
                   image_size: int, dali_device: str, dali_prefetch: int) -> dict:
+    check_layout(data)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
