@@ -11,14 +11,14 @@ about 10 ms, and a fresh pipeline cannot continue a pass that `--max-steps-per-e
 """
 from __future__ import annotations
 
-import logging
+import math
 import re
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+from nvidia.dali.tensors import TensorListGPU
 
 from ..comm import DistContext
 from ..config import TrainConfig
@@ -27,8 +27,6 @@ from . import Loaders, Samples, default_threads
 from .check import image_problem
 from .shards import train_shard, val_shard
 from .torchvision_loader import MEAN, STD, unreadable_message
-
-log = logging.getLogger(__name__)
 
 # DALI normalizes uint8 pixels: ImageNet's mean and std in 0..255.
 MEAN_255 = [255 * m for m in MEAN]
@@ -81,7 +79,12 @@ def val_pipeline(files: list[str], labels: list[int], device: str, image_size: i
 
 class DaliPass:
     """One pass over a list of samples per iteration: builds the pipeline, yields (images, labels) on the
-    rank's device, and turns a decode failure into a UserError that names the file."""
+    rank's device, and turns a decode failure into a UserError that names the file.
+
+    The pass drives the pipeline itself rather than through DALI's iterator: it schedules exactly the batches
+    of the pass, `prefetch` ahead of the one in use. DALI's iterator keeps scheduling past the end (it expects
+    the same pipeline to carry on into the next epoch), which here would decode batches that are thrown away.
+    A partial last batch (val) is cut to the samples that belong to the pass."""
 
     def __init__(self, samples: list[tuple[str, int]], build, ctx: DistContext, batch_size: int, prefetch: int,
                  channels_last: bool):
@@ -92,26 +95,38 @@ class DaliPass:
         if not self.samples:
             return
         files = [path for path, _ in self.samples]
+        batches = math.ceil(len(files) / self.batch_size)
         pipeline = self.build(files, [label for _, label in self.samples])
-        batches = DALIGenericIterator(pipeline, ["images", "labels"], reader_name="reader",
-                                      last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
-        batch_index = 0
+        pipeline.build()
+        scheduled = min(self.prefetch, batches)
+        for _ in range(scheduled):
+            pipeline.schedule_run()
         try:
-            while True:
+            for index in range(batches):
                 try:
-                    outputs = next(batches)[0]
-                except StopIteration:
-                    return
+                    images, labels = pipeline.share_outputs()
                 except RuntimeError as error:
-                    raise UserError(self.decode_failure(error, files, batch_index)) from None
-                images = outputs["images"]
+                    raise UserError(self.decode_failure(error, files, index)) from None
+                keep = min(self.batch_size, len(files) - index * self.batch_size)
+                images, labels = self.to_torch(images)[:keep], self.to_torch(labels)[:keep]
+                pipeline.release_outputs()
+                if scheduled < batches:
+                    pipeline.schedule_run()
+                    scheduled += 1
                 if self.channels_last:  # NHWC from DALI is NCHW in channels_last memory format, no copy
                     images = images.permute(0, 3, 1, 2)
-                yield (images.to(self.ctx.device, non_blocking=True),
-                       outputs["labels"].squeeze(-1).long().to(self.ctx.device, non_blocking=True))
-                batch_index += 1
+                yield images.to(self.ctx.device, non_blocking=True), labels.squeeze(-1).long().to(self.ctx.device)
         finally:
-            del batches, pipeline  # the pipeline's threads and buffers go with the pass
+            del pipeline  # its threads and buffers go with the pass
+
+    def to_torch(self, batch) -> torch.Tensor:
+        """A copy of a DALI batch in a torch tensor on the batch's device (DALI reuses its buffers)."""
+        on_gpu = isinstance(batch, TensorListGPU)
+        dense = batch.as_tensor()  # one (batch, ...) tensor: every sample has the same shape here
+        tensor = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
+                             device=self.ctx.device if on_gpu else "cpu")
+        feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream(self.ctx.device) if on_gpu else None)
+        return tensor
 
     def decode_failure(self, error: RuntimeError, files: list[str], batch_index: int) -> str:
         """DALI names the file for some failures ("Failed to decode sample #3 : <path>"), not for all
