@@ -6,14 +6,12 @@ per-worker loss by kn (Sec. 3, Remark 3).
 """
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
 
 import horovod.torch as hvd
 import torch
 
-log = logging.getLogger(__name__)
+from .context import DistContext
 
 # Raised on every other rank when one rank dies (an exception, a killed process): Horovod shuts down.
 PeerFailure = hvd.HorovodInternalError
@@ -22,21 +20,6 @@ COMPRESSORS = {
     "none": hvd.Compression.none,
     "fp16": hvd.Compression.fp16,  # gradients cast to float16 on the wire, back to their dtype after
 }
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Who this process is. Built once after hvd.init() and passed down."""
-
-    rank: int
-    local_rank: int
-    size: int
-    local_size: int
-    device: torch.device
-
-    @property
-    def is_primary(self) -> bool:
-        return self.rank == 0
 
 
 def init() -> DistContext:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from . import checkpoint, comm
 from .config import TrainConfig
+from .context import DistContext
 from .data import build_loaders
 from .data.layout import check_layout
 from .errors import UserError
@@ -108,7 +109,7 @@ def main(config: TrainConfig) -> None:
 
 
 def train_one_epoch(model, optimizer, criterion, batches, epoch: int, steps: int, global_batch: int,
-                    config: TrainConfig, ctx: comm.DistContext) -> tuple[dict, float, float]:
+                    config: TrainConfig, ctx: DistContext) -> tuple[dict, float, float]:
     model.train()
     sums = EpochSums(ctx.device)
     micro_batches = iter(batches)
@@ -161,7 +162,7 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     np.random.seed(state)
 
 
-def resume(config: TrainConfig, output: Path, model, optimizer, ctx: comm.DistContext) -> int:
+def resume(config: TrainConfig, output: Path, model, optimizer, ctx: DistContext) -> int:
     """Rank 0 loads the latest checkpoint; every rank learns the epoch to start from (or the error)."""
     outcome = {"epoch": 0, "error": None}
     if ctx.is_primary:

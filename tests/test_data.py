@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from hvd_imagenet.comm import DistContext
+from hvd_imagenet.context import DistContext
 from hvd_imagenet.config import TrainConfig
 from hvd_imagenet.data import build_loaders
 from hvd_imagenet.data.layout import class_folders, list_samples

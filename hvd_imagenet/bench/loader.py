@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..comm import DistContext
+from ..context import DistContext
 from ..config import TrainConfig
 from ..data import build_loaders
 from ..data.layout import check_layout

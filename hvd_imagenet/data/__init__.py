@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..comm import DistContext
+from ..context import DistContext
 from ..config import TrainConfig
 from .layout import class_folders, list_samples, read_file_list
 

@@ -20,7 +20,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from nvidia.dali.tensors import TensorListGPU
 
-from ..comm import DistContext
+from ..context import DistContext
 from ..config import TrainConfig
 from ..errors import UserError
 from . import Loaders, Samples, default_threads

@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from ..comm import DistContext
+from ..context import DistContext
 from ..config import TrainConfig
 from . import Loaders
 

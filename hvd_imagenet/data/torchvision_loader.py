@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets.folder import pil_loader
 
-from ..comm import DistContext
+from ..context import DistContext
 from ..config import TrainConfig
 from ..errors import UserError
 from . import Loaders, Samples, default_threads
