@@ -133,7 +133,7 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "threads", "repeats", "image_size", "dali_prefetch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
-    report = bench_loaders(Path(args.data), args.loader or ["dali", "torchvision"], args.batch_size, args.epochs,
+    report = bench_loaders(Path(args.data), getattr(args, "loader", ["dali", "torchvision"]), args.batch_size, args.epochs,
                            args.threads, args.repeats, args.image_size, args.dali_device, args.dali_prefetch)
     report["command"] = "hvd-imagenet " + " ".join(sys.argv[1:])
     print(json.dumps(report, indent=1) if args.json else format_report(report))
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench-loader", help="input pipelines side by side: img/s, CPU-s/img, memory",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bench.add_argument("--data", required=True, help="DIR/train/<class>/* (the train split is read)")
-    bench.add_argument("--loader", action="append", choices=LOADERS[:2],
+    bench.add_argument("--loader", action="append", choices=LOADERS[:2], default=argparse.SUPPRESS,
                        help="repeat to compare; the last is the baseline of the ratio (default: dali, torchvision)")
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--image-size", type=int, default=224)
