@@ -54,7 +54,9 @@ class TrainConfig:
     compression: str = field(default="none", metadata=_help(f"gradient compression: {', '.join(COMPRESSIONS)}"))
     seed: int = field(default=0, metadata=_help("seed for init, shuffling and augmentation"))
     max_steps_per_epoch: int = field(default=0, metadata=_help("cap on optimizer steps per epoch (0: no cap)"))
-    channels_last: bool = field(default=False, metadata=_help("NHWC memory format for images and model"))
+    channels_last: bool = field(default=False, metadata=_help(
+        "NHWC (channels_last) image batches: convolutions follow the input's format. The weights stay "
+        "contiguous: Horovod allreduces only contiguous tensors (horovod#3491)"))
     loader: str = field(default_factory=default_loader,
                         metadata=_help(f"input pipeline: {', '.join(LOADERS)} (dali when installed)"))
     file_list: str = field(default="", metadata=_help("only these files (`check-data --write-file-list`)"))

@@ -53,8 +53,6 @@ def main(config: TrainConfig) -> None:
     # 3. Model and optimizer: zero-init residual gamma, no weight decay on BN/bias (Sec. 5.1), Nesterov SGD.
     torch.manual_seed(config.seed)
     model = build_model(config.arch, loaders.num_classes, config.zero_init_residual).to(ctx.device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         parameter_groups(model, config.weight_decay, config.bn_weight_decay),
         lr=config.lr.base_lr, momentum=config.momentum, nesterov=config.nesterov,

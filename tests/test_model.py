@@ -48,3 +48,13 @@ def test_weights_digest_sees_any_change():
     with torch.no_grad():
         model.layer3[1].conv2.weight[0, 0, 0, 0] += 1e-3
     assert weights_digest(model) != before
+
+
+def test_channels_last_batches_keep_weights_and_gradients_contiguous():
+    """--channels-last converts the batches only: the convolutions follow the input's NHWC format, while
+    parameters and their gradients stay contiguous, which Horovod's allreduce and broadcast require."""
+    model = build_model("resnet18", num_classes=4, zero_init_residual=True)
+    images = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert model.layer1(model.maxpool(model.conv1(images))).is_contiguous(memory_format=torch.channels_last)
+    model(images).sum().backward()
+    assert all(p.is_contiguous() and p.grad.is_contiguous() for p in model.parameters())

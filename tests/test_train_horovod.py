@@ -51,10 +51,12 @@ def test_gloo_two_ranks(tiny_data, tmp_path):
 
 
 def test_mpi_fp16_virtual_workers(tiny_data, tmp_path):
-    """MPI controller, DALI, fp16 gradient compression, 2 micro-batches per allreduce: kn = 2 x 2 x 4 = 16."""
+    """MPI controller, DALI with channels_last (NHWC) batches, fp16 gradient compression, 2 micro-batches
+    per allreduce: kn = 2 x 2 x 4 = 16."""
     output = tmp_path / "run"
     result = run_horovod("--data", tiny_data, "--output", output, "--epochs", "1", "--compression", "fp16",
-                         "--batches-per-allreduce", "2", "--loader", "dali", *TINY_TRAIN, controller="--mpi")
+                         "--batches-per-allreduce", "2", "--loader", "dali", "--channels-last", *TINY_TRAIN,
+                         controller="--mpi")
     assert "input: DALI, decoding on the CPU, 1 threads per rank" in result.stdout
     records, state = check_run(output, epochs=1, global_batch=16, val_images=20)
     assert state["step"] == 3  # 6 micro-batches per rank / 2 per step
