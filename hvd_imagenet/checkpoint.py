@@ -1,8 +1,11 @@
 """Checkpoints: written by rank 0 atomically (temp file, fsync, rename), read with weights_only=True.
 
 A checkpoint holds the unwrapped model, the optimizer state, the number of finished epochs, the global step
-and the resolved config. RNG state is not stored because the trainer reseeds from (seed, epoch, rank) at the
-start of every epoch (train.seed_epoch), which replays a resumed epoch exactly.
+and the resolved config. Most are written at the end of an epoch (epoch-NNNN.pt); one written when a job is
+told to stop (SLURM's SIGUSR1 before the time limit, train.StopRequest) also holds how far into the next epoch
+it got (epoch-NNNN-step-SSSSSS.pt: NNNN epochs and SSSSSS steps done) and that partial epoch's metric sums.
+RNG state is not stored: the data order and the augmentation are functions of (seed, epoch, position), so a
+resumed run reads exactly the images the uninterrupted one reads.
 """
 from __future__ import annotations
 
@@ -15,18 +18,15 @@ import torch
 from .errors import UserError
 
 KEEP_LAST = 3  # older checkpoints are deleted; a ResNet-50 checkpoint with momentum is ~200 MB
-_NAME = re.compile(r"^epoch-(\d{4})\.pt$")
+_NAME = re.compile(r"^epoch-(\d{4})(?:-step-(\d{6}))?\.pt$")
 
 
-def checkpoint_dir(output: Path) -> Path:
-    return output / "checkpoints"
-
-
-def save(output: Path, epoch: int, state: dict) -> Path:
-    """Write checkpoints/epoch-NNNN.pt so that a crash at any moment leaves the previous one loadable."""
-    directory = checkpoint_dir(output)
+def save(directory: Path, state: dict) -> Path:
+    """Write the checkpoint of state["epoch"] (+ state["step_in_epoch"]) so that a crash at any moment leaves
+    the previous one loadable."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"epoch-{epoch:04d}.pt"
+    step = state["step_in_epoch"]
+    path = directory / (f"epoch-{state['epoch']:04d}" + (f"-step-{step:06d}" if step else "") + ".pt")
     tmp = directory / f".{path.name}.tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -38,29 +38,30 @@ def save(output: Path, epoch: int, state: dict) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(output)[:-KEEP_LAST]:
+    for old in list_checkpoints(directory)[:-KEEP_LAST]:
         old.unlink()
     return path
 
 
-def list_checkpoints(output: Path) -> list[Path]:
-    directory = checkpoint_dir(output)
+def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+    found = {p: _NAME.match(p.name) for p in directory.iterdir()}
+    return sorted((p for p, match in found.items() if match),
+                  key=lambda p: tuple(int(n) for n in found[p].groups("0")))  # by (epoch, step)
 
 
-def load_latest(output: Path) -> tuple[Path, dict]:
-    """The newest checkpoint in output/checkpoints, loaded on the CPU without executing pickled code."""
-    found = list_checkpoints(output)
+def load_latest(directory: Path) -> tuple[Path, dict]:
+    """The newest checkpoint in `directory`, loaded on the CPU without executing pickled code."""
+    found = list_checkpoints(directory)
     if not found:
-        raise UserError(f"--resume: no checkpoint in {checkpoint_dir(output)}")
+        raise UserError(f"--resume: no checkpoint in {directory}")
     path = found[-1]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated, corrupt or foreign file: torch raises several kinds
         raise UserError(f"--resume: cannot load {path}: {type(error).__name__}: {error}") from None
-    missing = {"model", "optimizer", "epoch", "step", "config"} - set(state)
+    missing = {"model", "optimizer", "epoch", "step", "step_in_epoch", "config"} - set(state)
     if missing:
         raise UserError(f"--resume: {path} is not an hvd-imagenet checkpoint (missing {', '.join(sorted(missing))})")
     return path, state

@@ -35,6 +35,11 @@ def init() -> DistContext:
     return DistContext(hvd.rank(), hvd.local_rank(), hvd.size(), hvd.local_size(), device)
 
 
+def controller() -> str:
+    """Which Horovod controller this job runs on (MPI under srun or mpirun, Gloo under horovodrun --gloo)."""
+    return "MPI" if hvd.mpi_enabled() else "Gloo" if hvd.gloo_enabled() else "unknown"  # Horovod
+
+
 def distributed_optimizer(
     optimizer: torch.optim.Optimizer, model: torch.nn.Module, compression: str, backward_passes_per_step: int
 ) -> torch.optim.Optimizer:
@@ -83,6 +88,11 @@ def gather_digests(digest: float) -> list[float]:
 def allreduce_sum(tensor: torch.Tensor, name: str) -> torch.Tensor:
     """Sum a tensor over ranks (for metric sums and counts; one call per epoch, not per step)."""
     return hvd.allreduce(tensor, op=hvd.Sum, name=name)  # Horovod
+
+
+def allreduce_max(value: int, name: str) -> int:
+    """The largest of the ranks' values (the stop check: any rank's signal stops all)."""
+    return int(hvd.allreduce(torch.tensor([value]), op=hvd.Max, name=name).item())  # Horovod
 
 
 def broadcast_object(obj, name: str):

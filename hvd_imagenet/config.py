@@ -37,6 +37,7 @@ def _help(text: str) -> dict:
 class TrainConfig:
     data: str = field(default="", metadata=_help("ImageNet-layout data set: DIR/train/<class>/*, DIR/val/<class>/*"))
     output: str = field(default="", metadata=_help("run directory: config.json, metrics.jsonl, checkpoints/"))
+    checkpoint_dir: str = field(default="", metadata=_help("where checkpoints go (default: OUTPUT/checkpoints)"))
     arch: str = field(default="resnet50", metadata=_help("any torchvision ResNet"))
     epochs: int = field(default=90, metadata=_help("training epochs (Sec. 5.1: 90)"))
     batch_size: int = field(default=32, metadata=_help("images per worker per step, n (Sec. 2.3: 32)"))
@@ -66,7 +67,8 @@ class TrainConfig:
     dali_prefetch: int = field(default=2, metadata=_help("DALI batches decoded ahead of the one in use"))
     workers: int = field(default=0, metadata=_help(
         "torchvision DataLoader worker processes per rank (0: cores / local ranks)"))
-    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the newest checkpoint (a fresh start when there is none)"))
 
     def __post_init__(self):
         positive = ("epochs", "batch_size", "image_size", "val_resize", "batches_per_allreduce", "dali_prefetch")

@@ -17,8 +17,9 @@ from . import comm
 class EpochSums:
     """Running [loss_sum, top1_correct, top5_correct, count] for one epoch, kept on the device."""
 
-    def __init__(self, device: torch.device):
-        self.totals = torch.zeros(4, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, carried: list[float] | None = None):
+        """carried: all ranks' reduced sums of the part of the epoch done before a resume (add them on one rank)."""
+        self.totals = torch.tensor(carried or [0.0] * 4, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
@@ -32,9 +33,13 @@ class EpochSums:
         ])
         self.totals += batch
 
+    def reduced_totals(self, name: str) -> list[float]:
+        """The sums over all ranks (a collective: every rank must call it)."""
+        return comm.allreduce_sum(self.totals.cpu(), name=name).tolist()  # sync point
+
     def reduce(self, name: str) -> dict:
         """Sum over all ranks (a collective: every rank must call it) and return loss and accuracies in %."""
-        loss_sum, top1, top5, count = comm.allreduce_sum(self.totals.cpu(), name=name).tolist()  # sync point
+        loss_sum, top1, top5, count = self.reduced_totals(name)
         if count == 0:
             return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images": 0}
         return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}

@@ -2,13 +2,18 @@
 
 Read top to bottom: check the inputs, start Horovod, build data, model and optimizer, resume or broadcast the
 start state, then per epoch: train (lr from schedule.lr_at every step), evaluate, write metrics and a checkpoint.
+A SIGUSR1 or SIGTERM (SLURM's warning before the time limit, scancel) stops every rank at the same step with a
+checkpoint there; `--resume` continues from it as if nothing had happened.
 """
 from __future__ import annotations
 
 import logging
+import json
 import random
+import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,9 @@ from .schedule import lr_at, peak_lr
 
 log = logging.getLogger("hvd_imagenet")
 PROGRESS_EVERY = 10  # steps between progress-bar updates on rank 0 (each reads the loss: a host sync)
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request (one 1-element allreduce)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOPPED_FILE = "stopped.json"  # written by rank 0 when a signal stopped the run; launchers requeue on it
 
 
 def main(config: TrainConfig) -> None:
@@ -34,11 +42,14 @@ def main(config: TrainConfig) -> None:
     if config.loader != "synthetic":
         check_layout(Path(config.data))
     output = Path(config.output)
-    if not config.resume and checkpoint.list_checkpoints(output):
-        raise UserError(f"--output {output} already holds a run; pass --resume to continue it, or a new directory")
+    checkpoints = Path(config.checkpoint_dir or output / "checkpoints")
+    if not config.resume and checkpoint.list_checkpoints(checkpoints):
+        raise UserError(f"{checkpoints} already holds checkpoints of a run; pass --resume to continue it, or "
+                        "choose a new --output")
 
-    # 2. Horovod, logging (rank 0 alone prints), data.
+    # 2. Horovod, logging (rank 0 alone prints), signals, data.
     ctx = comm.init()
+    stop = StopRequest()
     logging.basicConfig(level=logging.INFO if ctx.is_primary else logging.WARNING, format="%(message)s",
                         stream=sys.stdout)
     loaders = build_loaders(config, ctx)
@@ -61,25 +72,46 @@ def main(config: TrainConfig) -> None:
     criterion = torch.nn.CrossEntropyLoss()
 
     # 4. Start state: rank 0's checkpoint when resuming, then rank 0's weights everywhere.
-    start_epoch = resume(config, output, model, optimizer, ctx) if config.resume else 0
-    comm.broadcast_state(model, optimizer, resumed=start_epoch > 0)
+    start = resume(config, checkpoints, model, optimizer, ctx) if config.resume else Position()
+    comm.broadcast_state(model, optimizer, resumed=start.epoch > 0 or start.step_in_epoch > 0)
 
-    resolved = {**config.to_dict(), "world_size": ctx.size, "global_batch": global_batch,
+    resolved = {**config.to_dict(), "world_size": ctx.size, "controller": comm.controller(),
+                "global_batch": global_batch,
                 "peak_lr": peak_lr(config.lr, global_batch), "steps_per_epoch": steps_per_epoch,
                 "num_classes": loaders.num_classes, "device": str(ctx.device),
                 "input": loaders.description}
-    writer = RunWriter(output, resolved, keep_epochs=start_epoch) if ctx.is_primary else None
+    writer = RunWriter(output, resolved, keep_epochs=start.epoch) if ctx.is_primary else None
+    if writer:
+        (output / STOPPED_FILE).unlink(missing_ok=True)
     log.info("hvd-imagenet: %s on %d rank(s) (%s), n=%d, global batch kn=%d, peak lr %.4g, %d steps/epoch",
              config.arch, ctx.size, ctx.device.type, config.batch_size, global_batch, resolved["peak_lr"],
              steps_per_epoch)
     log.info("input: %s", loaders.description)
 
+    def save_checkpoint(epoch: int, step_in_epoch: int = 0, partial: dict | None = None) -> Path:
+        return checkpoint.save(checkpoints, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "step": epoch * steps_per_epoch + step_in_epoch, "step_in_epoch": step_in_epoch, "partial": partial,
+            "config": resolved,
+        })
+
     # 5. The epochs.
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start.epoch, config.epochs):
+        resumed = start if epoch == start.epoch else Position(epoch)
         seed_epoch(config.seed, epoch, ctx.rank)
-        loaders.set_epoch(epoch)  # the epoch's one global shuffle (Sec. 3, Remark 4)
-        train, seconds, lr = train_one_epoch(model, optimizer, criterion, loaders.train, epoch, steps_per_epoch,
-                                             global_batch, config, ctx)
+        # The epoch's one global shuffle (Sec. 3, Remark 4), from where a resumed run left it.
+        loaders.set_epoch(epoch, resumed.step_in_epoch * config.batches_per_allreduce)
+        done = train_one_epoch(model, optimizer, criterion, loaders.train, resumed, steps_per_epoch,
+                               global_batch, config, ctx, stop)
+        if done.step < steps_per_epoch:  # stopped by a signal: a checkpoint here, then exit 0
+            # The ranks' BN running statistics differ within an epoch; their mean is what the epoch's end
+            # would average, and the running average is linear, so resuming from the mean changes only rounding.
+            comm.average_bn_statistics(model)
+            partial = {"sums": done.sums.reduced_totals("train_sums"), "seconds": done.seconds}
+            path = save_checkpoint(epoch, done.step, partial) if ctx.is_primary else None
+            report_stop(done.signal, epoch, done.step, steps_per_epoch, path, output, ctx)
+            break
+        train, seconds, lr = done.sums.reduce("train_sums"), done.seconds, done.lr
         comm.average_bn_statistics(model)
         val = evaluate(model, criterion, loaders.val, ctx.device)
         digests = comm.gather_digests(weights_digest(model))  # every rank must hold the same model
@@ -93,29 +125,87 @@ def main(config: TrainConfig) -> None:
                 "epoch_seconds": seconds, "world_size": ctx.size, "global_batch": global_batch,
                 "steps": (epoch + 1) * steps_per_epoch, "weights_digests": digests,
             })
-            checkpoint.save(output, epoch + 1, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                "step": (epoch + 1) * steps_per_epoch, "config": resolved,
-            })
+            path = save_checkpoint(epoch + 1)
             log.info("epoch %d/%d: train loss %.4f top1 %.2f%% | val loss %.4f top1 %.2f%% top5 %.2f%% | %.1f s",
                      epoch + 1, config.epochs, train["loss"], train["top1"], val["loss"], val["top1"],
                      val["top5"], seconds)
+        received = stop.agreed() if epoch + 1 < config.epochs else None  # a signal during val or the save
+        if received:
+            report_stop(received, epoch + 1, 0, steps_per_epoch, path if ctx.is_primary else None, output, ctx)
+            break
+    else:
+        if writer:
+            log.info("\n%s", format_table(read_metrics(output)))
     if writer:
         writer.close()
-        log.info("\n%s", format_table(read_metrics(output)))
     comm.shutdown()
 
 
-def train_one_epoch(model, optimizer, criterion, batches, epoch: int, steps: int, global_batch: int,
-                    config: TrainConfig, ctx: DistContext) -> tuple[dict, float, float]:
+@dataclass(frozen=True)
+class Position:
+    """Where training starts: `epoch` epochs and `step_in_epoch` steps of the next one done, and the metric
+    sums and seconds of that partial epoch (from a checkpoint written on a signal)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    partial: dict | None = None
+
+
+@dataclass
+class EpochProgress:
+    step: int  # steps of the epoch done: steps_per_epoch, or fewer when a signal stopped it
+    sums: EpochSums
+    seconds: float
+    lr: float
+    signal: str | None
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's warning before the time limit, `#SBATCH --signal=USR1@120`) or SIGTERM (scancel, the
+    limit itself; horovodrun on a failure) asks the job to stop. A signal reaches the ranks at different
+    moments, so they agree at fixed steps (every STOP_CHECK_EVERY steps and after each epoch) whether any rank
+    got one; then all stop at that step, rank 0 writes a checkpoint, and every rank exits 0."""
+
+    def __init__(self):
+        self.received = 0
+        for number in STOP_SIGNALS:
+            signal.signal(number, self._receive)
+
+    def _receive(self, number, frame) -> None:
+        self.received = max(self.received, number)
+
+    def agreed(self) -> str | None:
+        """The signal's name if any rank has received one (a collective: every rank calls it at the same step)."""
+        number = comm.allreduce_max(self.received, name="stop_request")
+        return signal.Signals(number).name if number else None
+
+
+def report_stop(received: str, epoch: int, step: int, steps: int, path: Path | None, output: Path,
+                ctx: DistContext) -> None:
+    """Rank 0 says where the run stopped and writes stopped.json (what the sbatch script requeues on)."""
+    if not ctx.is_primary:
+        return
+    record = {"signal": received, "epochs_done": epoch, "steps_done_in_epoch": step, "checkpoint": str(path)}
+    (output / STOPPED_FILE).write_text(json.dumps(record) + "\n")
+    where = f"after epoch {epoch}" if step == 0 else f"at step {step}/{steps} of epoch {epoch + 1}"
+    log.info("%s: stopped %s; checkpoint %s; continue with --resume", received, where, path)
+
+
+def train_one_epoch(model, optimizer, criterion, batches, start: Position, steps: int, global_batch: int,
+                    config: TrainConfig, ctx: DistContext, stop: StopRequest) -> EpochProgress:
+    """Steps start.step_in_epoch .. steps - 1 of epoch start.epoch, or up to the step where the ranks agree
+    that a signal asks them to stop."""
     model.train()
-    sums = EpochSums(ctx.device)
+    epoch, first_step = start.epoch, start.step_in_epoch
+    carried = start.partial or {"sums": None, "seconds": 0.0}
+    sums = EpochSums(ctx.device, carried["sums"] if ctx.is_primary else None)  # counted once, on rank 0
     micro_batches = iter(batches)
-    progress = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not ctx.is_primary,
-                    file=sys.stdout, dynamic_ncols=True, leave=False,
+    progress = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+                    disable=not ctx.is_primary, file=sys.stdout, dynamic_ncols=True, leave=False,
                     mininterval=0.5 if sys.stdout.isatty() else 30)  # a launcher's pipe: fewer redraws
-    start = time.perf_counter()
-    for step in range(steps):
+    start_time = time.perf_counter()
+    lr, received = 0.0, None
+    for step in range(first_step, steps):
         # Gradual warmup, then the step schedule, as a function of the global iteration (Sec. 2.2).
         lr = lr_at(config.lr, epoch * steps + step, steps, global_batch)
         for group in optimizer.param_groups:
@@ -132,12 +222,17 @@ def train_one_epoch(model, optimizer, criterion, batches, epoch: int, steps: int
         optimizer.step()  # Horovod: waits for the allreduce of every gradient, then the SGD update
         progress.update()
         if ctx.is_primary and (step % PROGRESS_EVERY == 0 or step == steps - 1):
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start_time
             progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}",  # host sync, rank 0 only
-                                 img_s=f"{(step + 1) * global_batch / elapsed:.1f}")
+                                 img_s=f"{(step + 1 - first_step) * global_batch / elapsed:.1f}")
+        if (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < steps:  # the last step: checked after the epoch
+            received = stop.agreed()
+            if received:
+                steps = step + 1
+                break
     progress.close()
-    seconds = time.perf_counter() - start
-    return sums.reduce("train_sums"), seconds, lr
+    seconds = carried["seconds"] + time.perf_counter() - start_time
+    return EpochProgress(steps, sums, seconds, lr, received)
 
 
 @torch.no_grad()
@@ -160,15 +255,15 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     np.random.seed(state)
 
 
-def resume(config: TrainConfig, output: Path, model, optimizer, ctx: DistContext) -> int:
-    """Rank 0 loads the latest checkpoint; every rank learns the epoch to start from (or the error)."""
-    outcome = {"epoch": 0, "error": None}
+def resume(config: TrainConfig, checkpoints: Path, model, optimizer, ctx: DistContext) -> Position:
+    """Rank 0 loads the latest checkpoint; every rank learns the position to start from (or the error)."""
+    outcome = {"position": {}, "error": None}
     if ctx.is_primary:
-        if not checkpoint.list_checkpoints(output):
-            log.info("--resume: no checkpoint in %s yet, starting from epoch 1", checkpoint.checkpoint_dir(output))
+        if not checkpoint.list_checkpoints(checkpoints):
+            log.info("--resume: no checkpoint in %s yet, starting from epoch 1", checkpoints)
         else:
             try:
-                path, state = checkpoint.load_latest(output)
+                path, state = checkpoint.load_latest(checkpoints)
                 saved = state["config"]
                 if saved["global_batch"] != ctx.size * config.batches_per_allreduce * config.batch_size:
                     raise UserError(f"--resume: {path} was trained with global batch {saved['global_batch']} "
@@ -176,11 +271,13 @@ def resume(config: TrainConfig, output: Path, model, optimizer, ctx: DistContext
                                     "schedule (linear scaling rule)")
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
-                outcome["epoch"] = state["epoch"]
-                log.info("--resume: continuing from %s (epoch %d done)", path, state["epoch"])
+                outcome["position"] = {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
+                                       "partial": state.get("partial")}
+                log.info("--resume: continuing from %s (%d epochs and %d steps done)", path, state["epoch"],
+                         state["step_in_epoch"])
             except UserError as error:
                 outcome["error"] = str(error)
     outcome = comm.broadcast_object(outcome, name="resume")  # Horovod: no rank hangs when rank 0 fails
     if outcome["error"]:
         raise UserError(outcome["error"])
-    return outcome["epoch"]
+    return Position(**outcome["position"])

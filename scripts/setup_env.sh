@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make setup`: everything the package needs, on a fresh Debian/Ubuntu machine or again (idempotent).
-# OpenMPI from apt when missing, a venv (.venv) with the pinned torch/torchvision, mpi4py, DALI, Horovod
-# built for this machine (scripts/build_horovod.sh) and this package (editable, with test deps).
+# OpenMPI (and, as root, SLURM + munge for the tests) from apt when missing, a venv (.venv) with the pinned
+# torch/torchvision, mpi4py, DALI, Horovod built for this machine (scripts/build_horovod.sh) and this package
+# (editable, with test deps).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 source "$root/scripts/versions.env"
@@ -16,6 +17,18 @@ if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null; then
   echo "setup: installing OpenMPI (apt-get)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev >/dev/null
+fi
+
+# A real SLURM for the tests (tests/test_slurm.py starts its daemons itself; they skip without root).
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "setup: installing SLURM and munge for the tests (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client \
+      munge >/dev/null
+  else
+    echo "setup: SLURM is not installed and this is not root: tests/test_slurm.py will skip" >&2
+  fi
 fi
 
 [ -x "$py" ] || { echo "setup: creating $venv"; python3 -m venv "$venv"; }

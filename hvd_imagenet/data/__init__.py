@@ -25,7 +25,9 @@ class Loaders:
     val: Iterable[tuple[torch.Tensor, torch.Tensor]]  # this rank's shard of the val set; may be empty
     train_batches: int  # micro-batches per rank per epoch (equal on every rank)
     num_classes: int
-    set_epoch: Callable[[int], None]  # call before each epoch: selects that epoch's global shuffle
+    # set_epoch(epoch, first_batch=0), before each epoch: that epoch's global shuffle, from its first_batch-th
+    # micro-batch on (a run resumed within an epoch reads exactly the rest of it)
+    set_epoch: Callable[..., None]
     description: str  # what decodes, where, with how many threads: logged at start
 
 

@@ -151,11 +151,13 @@ def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loa
     options = dict(batch_size=config.batch_size, num_threads=threads, prefetch_queue_depth=config.dali_prefetch,
                    device_id=ctx.local_rank if device == "gpu" else None)
     size, layout = config.image_size, config.channels_last
-    epoch = [0]
+    position = [0, 0]  # (epoch, first batch) of the pass set_epoch selected
 
     def build_train(files: list[str], labels: list[int]):
-        # Augmentation draws from (seed, epoch, rank): a resumed run crops what the uninterrupted one did.
-        seed = int(np.random.SeedSequence([config.seed, epoch[0], ctx.rank]).generate_state(1)[0] >> 1)
+        # Augmentation draws from (seed, epoch, rank, first batch): a run resumed at an epoch boundary crops
+        # what the uninterrupted one did; one resumed within an epoch reads the same images, cropped afresh
+        # (DALI's generators cannot skip ahead).
+        seed = int(np.random.SeedSequence([config.seed, *position, ctx.rank]).generate_state(1)[0] >> 1)
         return train_pipeline(files, labels, device, size, layout, seed=seed, **options)
 
     def build_val(files: list[str], labels: list[int]):
@@ -163,11 +165,11 @@ def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loa
 
     train = DaliPass([], build_train, ctx, config.batch_size, config.dali_prefetch, layout)
 
-    def set_epoch(new_epoch: int) -> None:
-        indices = train_shard(len(samples.train), config.seed, new_epoch, ctx.rank, ctx.size)
+    def set_epoch(epoch: int, first_batch: int = 0) -> None:
+        indices = train_shard(len(samples.train), config.seed, epoch, ctx.rank, ctx.size)
         usable = len(indices) // config.batch_size * config.batch_size  # full batches only
-        train.samples = [samples.train[i] for i in indices[:usable]]
-        epoch[0] = new_epoch
+        train.samples = [samples.train[i] for i in indices[first_batch * config.batch_size:usable]]
+        position[:] = [epoch, first_batch]
 
     set_epoch(0)
     val = DaliPass([samples.val[i] for i in val_shard(len(samples.val), ctx.rank, ctx.size)], build_val, ctx,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +57,17 @@ class EpochShard(Sampler[tuple[int, int]]):
     depend on which worker draws them or on what it drew before, so workers can persist across epochs and a
     resumed run still sees exactly the images of the uninterrupted one."""
 
-    def __init__(self, num_samples: int, seed: int, ctx: DistContext):
-        self.num_samples, self.seed, self.ctx, self.epoch = num_samples, seed, ctx, 0
+    def __init__(self, num_samples: int, seed: int, batch_size: int, ctx: DistContext):
+        self.num_samples, self.seed, self.batch_size, self.ctx = num_samples, seed, batch_size, ctx
+        self.epoch, self.first_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        self.epoch, self.first_batch = epoch, first_batch
 
     def __iter__(self):
         epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-        for index in train_shard(self.num_samples, self.seed, self.epoch, self.ctx.rank, self.ctx.size):
+        indices = train_shard(self.num_samples, self.seed, self.epoch, self.ctx.rank, self.ctx.size)
+        for index in indices[self.first_batch * self.batch_size:]:
             yield index, epoch_seed * 2**24 + index
 
     def __len__(self) -> int:
@@ -92,9 +96,19 @@ def worker_context() -> multiprocessing.context.BaseContext:
     (Horovod's background loop, TensorBoard's writer, tqdm's monitor), and a child forked while one of them
     holds a lock deadlocks at start (seen here: a val worker hung forever, its rank waiting on it). Fork is
     also unsafe with InfiniBand verbs on GPU nodes, which is why Horovod's own examples use a forkserver.
-    The server preloads torch and torchvision, so workers forked from it need not import them again."""
+    The server preloads torch and torchvision, so workers forked from it need not import them again.
+
+    The server starts here with SIGUSR1 and SIGTERM ignored, which it and its workers inherit: SLURM signals
+    every process of a job step, and a worker killed by the pre-emption warning would end the run that the
+    trainer is stopping cleanly (train.StopRequest). Workers still exit when their trainer does."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchvision", __name__])
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return context
 
 
@@ -113,7 +127,7 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples)
                              transforms.ToTensor(),
                              normalize,
                          ]))
-    sampler = EpochShard(len(train_set), config.seed, ctx)
+    sampler = EpochShard(len(train_set), config.seed, config.batch_size, ctx)
     # Workers persist across epochs (no start-up per epoch); the sampler runs in this process, so
     # set_epoch still selects each epoch's shuffle.
     options = dict(batch_size=config.batch_size, num_workers=config.workers or default_threads(ctx),

@@ -1,0 +1,176 @@
+"""slurm/train_resnet50.sbatch, unmodified, on a real SLURM started by the tests (tests/slurm_cluster.py).
+
+On this machine: one node, 2 tasks, CPU, tiny data, the 32x8 headers overridden on the sbatch command line as
+a user would. Then the 32 x 8 GPU topology on 32 emulated nodes with the script's own headers and a stub in
+place of the trainer. The tests skip, saying why, where SLURM cannot be started (not root, not installed).
+"""
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_env, read_jsonl
+from slurm_cluster import LocalSlurm, unavailable_reason
+
+SBATCH = Path(__file__).resolve().parent.parent / "slurm" / "train_resnet50.sbatch"
+# This machine in place of 32 nodes x 8 GPUs: what a user changes on the command line, nothing in the script.
+ONE_CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+TINY = "--arch resnet18 --image-size 32 --val-resize 36 --warmup-epochs 1 --lr-steps 1 --workers 1 --loader torchvision"
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"no local SLURM: {unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    cluster = LocalSlurm.start()
+    yield cluster
+    cluster.stop()
+
+
+def job_env(cluster: LocalSlurm, data: Path, output: Path, train_args: str) -> dict:
+    return {**cli_env(), **cluster.env, "DATA_DIR": str(data), "OUTPUT_DIR": str(output), "TRAIN_ARGS": train_args,
+            # Open MPI between the ranks over TCP on loopback (the script's UCX default wants a fabric)
+            "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,tcp"}
+
+
+def sbatch(env: dict, log_dir: Path, *options: str, wait: bool = True) -> tuple[int, str]:
+    """Submit the script; with wait, block until it ends. Returns (exit status of sbatch, job id)."""
+    command = ["sbatch", "--parsable", f"--output={log_dir}/%j.out", *options, str(SBATCH)]
+    if wait:
+        command.insert(1, "--wait")
+    result = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    job_id = result.stdout.readline().strip().split(";")[0]
+    result.wait(timeout=300)
+    assert job_id, result.stderr.read()
+    return result.returncode, job_id
+
+
+def job_log(log_dir: Path, job_id: str) -> str:
+    path = log_dir / f"{job_id}.out"
+    return path.read_text().replace("\r", "\n") if path.exists() else ""
+
+
+def wait_until_gone(cluster: LocalSlurm, job_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                               env=cluster.env).stdout.strip()
+        if not state:
+            return
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still queued or running after {timeout:.0f} s")
+
+
+def test_sbatch_trains_on_local_slurm(slurm, tiny_data, tmp_path):
+    output = tmp_path / "run"
+    status, job_id = sbatch(job_env(slurm, tiny_data, output, f"--epochs 1 --batch-size 4 {TINY}"), tmp_path,
+                            *ONE_CPU_NODE)
+    log = job_log(tmp_path, job_id)
+    assert status == 0, log
+    config = json.loads((output / "config.json").read_text())  # written by rank 0
+    assert config["world_size"] == 2 and config["controller"] == "MPI"  # srun --mpi=pmix started Horovod on MPI
+    assert config["resume"] is True  # the script always resumes; the first start found no checkpoint
+    records = read_jsonl(output / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1] and records[0]["val_images"] == 20
+    assert records[0]["weights_digests"][0] == records[0]["weights_digests"][1]
+    assert (output / "checkpoints" / "epoch-0001.pt").exists()
+    assert f"job {job_id} (start 1): 1 nodes x 2 tasks" in log and "no checkpoint in" in log
+
+
+def test_sigusr1_checkpoints_requeues_and_resumes_exactly(slurm, tiny_data, tmp_path):
+    """SLURM's pre-emption warning mid-epoch: every rank stops at one step, rank 0 checkpoints, the job
+    requeues itself and continues. The result equals an uninterrupted job's: the same losses and accuracies
+    and bit-identical weights (BN running statistics to float rounding: they are averaged at the stop)."""
+    train = f"--epochs 2 --batch-size 2 {TINY}"  # 12 steps per epoch: the stop check at step 10 falls inside
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    status, _ = sbatch(job_env(slurm, tiny_data, whole, train), tmp_path, *ONE_CPU_NODE)
+    assert status == 0
+
+    _, job_id = sbatch(job_env(slurm, tiny_data, split, train), tmp_path, *ONE_CPU_NODE, wait=False)
+    deadline = time.monotonic() + 120
+    while "hvd-imagenet: resnet18" not in job_log(tmp_path, job_id):  # every rank has its handler by then
+        assert time.monotonic() < deadline, job_log(tmp_path, job_id)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env=slurm.env)  # to every task, not the shell
+    wait_until_gone(slurm, job_id, timeout=240)
+
+    log = job_log(tmp_path, job_id)
+    assert "SIGUSR1: stopped at step 10/12 of epoch 1" in log, log
+    assert f"requeueing job {job_id}" in log and f"job {job_id} (start 2)" in log
+    assert "continuing from" in log and "epoch-0000-step-000010.pt (0 epochs and 10 steps done)" in log
+    assert not (split / "stopped.json").exists()  # the second start cleared it and finished
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert [r["epoch"] for r in b] == [1, 2]
+    for x, y in zip(a, b):
+        for key in ("lr", "train_loss", "train_top1", "steps", "val_images"):
+            assert x[key] == y[key], key
+        for key in ("val_loss", "val_top1", "val_top5"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
+    wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    for name in wa:
+        if name.endswith(("running_mean", "running_var")):
+            assert torch.allclose(wa[name], wb[name], rtol=1e-5, atol=1e-6), name
+        else:
+            assert torch.equal(wa[name], wb[name]), name
+
+
+STUB = """#!/bin/bash
+# Stands in for hvd-imagenet: reports where SLURM placed this task and which GPU the trainer would take
+# (comm.init: cuda:<local rank> among the GPUs the task sees).
+IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
+echo "TASK $SLURMD_NODENAME $SLURM_LOCALID $SLURM_PROCID ${gpus[$SLURM_LOCALID]} $SLURM_NTASKS"
+"""
+
+
+def submit_unmodified(cluster: LocalSlurm, script: str, workdir: Path, stub: Path) -> str:
+    """sbatch --wait with no option but the script, from `workdir` (a stand-in for the repository root);
+    returns the job's log, which the script's own --output header names."""
+    env = {**cli_env(), **cluster.env, "HVD_IMAGENET": str(stub), "DATA_DIR": str(workdir / "data"),
+           "OUTPUT_DIR": str(workdir / "run")}
+    result = subprocess.run(["sbatch", "--wait", "--parsable", f"slurm/{script}"], capture_output=True, text=True,
+                            env=env, cwd=workdir, timeout=300)
+    job_id = result.stdout.strip().split(";")[0]
+    logs = list((workdir / "logs").glob(f"*-{job_id}.out"))
+    log = logs[0].read_text() if logs else "(no log)"
+    assert result.returncode == 0, result.stderr + log
+    return log
+
+
+def placements(log: str, tasks: int) -> dict[str, list[tuple[int, int]]]:
+    """node -> sorted (local rank, GPU) of its tasks, after checking the global ranks and task count."""
+    reports = [line.split()[1:] for line in log.splitlines() if line.startswith("TASK ")]
+    assert len(reports) == tasks and all(r[4] == str(tasks) for r in reports)
+    assert sorted(int(r[2]) for r in reports) == list(range(tasks))  # global ranks, each once
+    nodes: dict[str, list[tuple[int, int]]] = {}
+    for node, local, _, gpu, _ in reports:
+        nodes.setdefault(node, []).append((int(local), int(gpu)))
+    return {node: sorted(pairs) for node, pairs in nodes.items()}
+
+
+def test_unmodified_headers_place_tasks_on_emulated_gpu_nodes(tmp_path):
+    """The scripts' own #SBATCH headers (no overrides) on 32 emulated nodes with 8 fake GPUs each: accepted;
+    train_resnet50.sbatch gives each of its 256 tasks its own (node, local rank, GPU), and
+    train_single_node.sbatch its 8 tasks the 8 GPUs of one node."""
+    stub = tmp_path / "stub.sh"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    (tmp_path / "logs").mkdir()  # the headers' --output=logs/%x-%j.out, relative to the submit directory
+    (tmp_path / "slurm").symlink_to(SBATCH.parent)
+    cluster = LocalSlurm.start(nodes=32, gpus_per_node=8, cpus_per_node=96)
+    try:
+        full = submit_unmodified(cluster, "train_resnet50.sbatch", tmp_path, stub)
+        single = submit_unmodified(cluster, "train_single_node.sbatch", tmp_path, stub)
+    finally:
+        cluster.stop()
+    nodes = placements(full, 256)
+    assert sorted(nodes) == [f"node{i:02d}" for i in range(1, 33)]
+    for node, pairs in nodes.items():
+        assert pairs == [(i, i) for i in range(8)], node  # local ranks 0-7, each with its own GPU
+    assert "32 nodes x 8 tasks" in full  # the line the script prints at start
+    nodes = placements(single, 8)
+    assert len(nodes) == 1 and list(nodes.values())[0] == [(i, i) for i in range(8)]
+    assert "1 nodes x 8 tasks" in single
