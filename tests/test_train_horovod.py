@@ -1,6 +1,8 @@
 """`hvd-imagenet train` under a real horovodrun: 2 ranks on localhost, Gloo and MPI controllers."""
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from PIL import Image
 
 from hvd_imagenet.model import build_model, weights_digest
 
-from conftest import TINY_TRAIN, read_jsonl, run_cli, run_horovod
+from conftest import BIN, TINY_TRAIN, cli_env, read_jsonl, run_cli, run_horovod
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_sec",
                "epoch_seconds", "world_size", "global_batch", "val_images", "steps", "weights_digests"}
@@ -106,3 +108,15 @@ def test_dali_run_with_odd_files_and_a_file_list(tiny_data, tmp_path):
     run_horovod("--output", output, "--file-list", file_list, *train)
     records, _ = check_run(output, epochs=1, global_batch=8, val_images=20)
     assert records[0]["steps"] == 51 // 2 // 4  # 48 + 3 odd readable train files over 2 ranks, n=4
+
+
+def test_run_local_script(tiny_data, tmp_path):
+    """scripts/run_local.sh, the one-machine entry point: N workers under horovodrun, train flags passed on."""
+    output = tmp_path / "run"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "run_local.sh"
+    result = subprocess.run(["bash", str(script), "2", "--data", str(tiny_data), "--output", str(output),
+                             "--epochs", "1", "--loader", "torchvision", *TINY_TRAIN],
+                            capture_output=True, text=True, env={**cli_env(), "VENV": str(BIN.parent)}, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "run_local: 2 workers, horovodrun --gloo" in result.stdout
+    check_run(output, epochs=1, global_batch=8, val_images=20)
