@@ -7,8 +7,8 @@ checkpoint there; `--resume` continues from it as if nothing had happened.
 """
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import random
 import signal
 import sys
