@@ -61,16 +61,36 @@ def build_dataclass(cls, args: argparse.Namespace):
     return cls(**values)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from .comm import PeerFailure
+def cmd_train(args: argparse.Namespace) -> int:
+    """Every rank runs this. An error is one line that names the rank; the launcher (horovodrun, mpirun,
+    srun) sees the non-zero status and ends the job. The ranks that survive a failed peer say so in one line
+    each, not a traceback each from hundreds of ranks."""
+    import traceback
+
+    from .comm import PeerFailure, rank_if_started
     from .config import TrainConfig
+    from .errors import Diverged
     from .train import main
 
+    config = build_dataclass(TrainConfig, args)
     try:
-        main(build_dataclass(TrainConfig, args))
-    except PeerFailure:  # one line per surviving rank, not a traceback each from hundreds of ranks
-        raise UserError("stopped: another rank failed and Horovod shut down; the first error in the log "
-                        "names the cause") from None
+        main(config)
+    except PeerFailure:
+        raise UserError(f"rank {rank_if_started()}: stopped: another rank failed and Horovod shut down; the "
+                        "launcher's log names the rank that failed first") from None
+    except Diverged as error:  # every rank stops at the same step; rank 0 says so for all
+        if rank_if_started() == 0:
+            print(f"hvd-imagenet train: {error}", file=sys.stderr)
+        return Diverged.EXIT_STATUS
+    except UserError as error:
+        rank = rank_if_started()
+        raise UserError(f"rank {rank}: {error}" if rank is not None else str(error)) from None
+    except Exception:  # a bug or a fault we did not foresee: the whole traceback, with the rank on every line
+        rank = rank_if_started()
+        for line in traceback.format_exc().splitlines():
+            print(f"rank {rank}: {line}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:

@@ -16,6 +16,13 @@ from .context import DistContext
 # Raised on every other rank when one rank dies (an exception, a killed process): Horovod shuts down.
 PeerFailure = hvd.HorovodInternalError
 
+# A rank that hangs (a stuck file system, a deadlocked loader) leaves the others waiting in a collective.
+# Horovod's stall inspector warns when some ranks have submitted a tensor and others have not for
+# STALL_CHECK seconds, and with STALL_SHUTDOWN > 0 (Horovod's default is 0: wait forever) ends the job. 300 s
+# is far above the longest legitimate wait here (rank 0 writing a ResNet-50 checkpoint). A rank that dies
+# needs no timeout: its peers' sockets close and they raise at once. Set the variables to override.
+STALL_TIMEOUTS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "60", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "300"}
+
 COMPRESSORS = {
     "none": hvd.Compression.none,
     "fp16": hvd.Compression.fp16,  # gradients cast to float16 on the wire, back to their dtype after
@@ -24,7 +31,14 @@ COMPRESSORS = {
 
 def init() -> DistContext:
     """Start Horovod, pick this rank's device and share the CPU fairly among the ranks of one machine."""
+    for name, seconds in STALL_TIMEOUTS.items():
+        os.environ.setdefault(name, seconds)
     hvd.init()  # Horovod: rank, size and the controller (MPI or Gloo) come from the launcher
+    return context()
+
+
+def context() -> DistContext:
+    """Who this process is now (again after an elastic job changed size: ranks are renumbered)."""
     if torch.cuda.is_available():
         device = torch.device("cuda", hvd.local_rank())  # one GPU per process, by local rank
         torch.cuda.set_device(device)
@@ -33,6 +47,30 @@ def init() -> DistContext:
         # horovodrun does not set OMP_NUM_THREADS: k ranks on one machine would each start a thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
     return DistContext(hvd.rank(), hvd.local_rank(), hvd.size(), hvd.local_size(), device)
+
+
+def launched_elastic() -> bool:
+    """Whether horovodrun started this process for an elastic job (--min-np/--max-np/--host-discovery-script)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"  # set by horovodrun's elastic driver (Gloo only)
+
+
+def elastic_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **values):
+    """Horovod's elastic state: the model, the optimizer and `values` (immutable: ints, floats, tuples).
+    commit() keeps a copy in memory and raises HostsUpdatedInterrupt when workers were added or removed;
+    a failed rank makes the others roll back to the last commit. sync() broadcasts rank 0's copy."""
+    return hvd.elastic.TorchState(model=model, optimizer=optimizer, **values)  # Horovod
+
+
+def run_elastic(train, state) -> None:
+    """train(state) until it returns; after a rank fails or the host set changes, Horovod re-forms the ring
+    (hvd.shutdown + init), the state's reset callbacks run, rank 0's state is broadcast, and train(state)
+    is called again from the state's last commit."""
+    hvd.elastic.run(train)(state)  # Horovod
+
+
+def rank_if_started() -> int | None:
+    """This process's rank once Horovod has started (error messages name it), else None."""
+    return hvd.rank() if hvd.is_initialized() else None
 
 
 def controller() -> str:

@@ -69,13 +69,25 @@ class TrainConfig:
         "torchvision DataLoader worker processes per rank (0: cores / local ranks)"))
     resume: bool = field(default=False, metadata=_help(
         "continue from the newest checkpoint (a fresh start when there is none)"))
+    allow_resize: bool = field(default=False, metadata=_help(
+        "--resume on another world size or global batch: the linear scaling rule re-scales the lr"))
+    keep_checkpoints: int = field(default=3, metadata=_help(
+        "newest checkpoints kept, the rest deleted (0: keep all; a ResNet-50 one is ~200 MB)"))
+    skip_nonfinite: bool = field(default=False, metadata=_help(
+        "skip a step whose averaged gradients are NaN/inf (counted in metrics) instead of stopping the run"))
+    elastic: bool = field(default=False, metadata=_help(
+        "Horovod elastic training (horovodrun --min-np/--max-np/--host-discovery-script): ranks may leave "
+        "or join; the lr follows the new world size. Implies --resume"))
+    elastic_commit_steps: int = field(default=20, metadata=_help(
+        "--elastic: steps between commits of the in-memory state that a failure rolls back to"))
 
     def __post_init__(self):
-        positive = ("epochs", "batch_size", "image_size", "val_resize", "batches_per_allreduce", "dali_prefetch")
+        positive = ("epochs", "batch_size", "image_size", "val_resize", "batches_per_allreduce", "dali_prefetch",
+                    "elastic_commit_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
-        for name in ("max_steps_per_epoch", "workers", "dali_threads", "weight_decay", "momentum"):
+        for name in ("max_steps_per_epoch", "workers", "dali_threads", "weight_decay", "momentum", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
         if self.arch not in resnet_names():

@@ -15,34 +15,47 @@ from . import comm
 
 
 class EpochSums:
-    """Running [loss_sum, top1_correct, top5_correct, count] for one epoch, kept on the device."""
+    """[loss_sum, top1_correct, top5_correct, count] of one epoch: this rank's since the last fold, on the
+    device, plus `carried`, the sums of all ranks up to the last fold (the same on every rank; what a
+    checkpoint or an elastic commit keeps of a partial epoch)."""
 
-    def __init__(self, device: torch.device, carried: list[float] | None = None):
-        """carried: all ranks' reduced sums of the part of the epoch done before a resume (add them on one rank)."""
-        self.totals = torch.tensor(carried or [0.0] * 4, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, carried: tuple[float, ...] | None = None):
+        self.carried = tuple(carried or (0.0,) * 4)
+        self.local = torch.zeros(4, dtype=torch.float64, device=device)
 
+    @staticmethod
     @torch.no_grad()
-    def add(self, output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+    def of_batch(output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = top5.eq(target[:, None])
-        batch = torch.stack([
+        return torch.stack([
             loss.detach().double() * target.numel(),
             hits[:, 0].sum().double(),
             hits.any(dim=1).sum().double(),
             torch.tensor(target.numel(), dtype=torch.float64, device=target.device),
         ])
-        self.totals += batch
 
-    def reduced_totals(self, name: str) -> list[float]:
-        """The sums over all ranks (a collective: every rank must call it)."""
-        return comm.allreduce_sum(self.totals.cpu(), name=name).tolist()  # sync point
+    def add(self, totals: torch.Tensor) -> None:
+        self.local += totals
+
+    def fold(self, name: str) -> tuple[float, ...]:
+        """Add every rank's sums since the last fold to `carried` (a collective: every rank must call it)."""
+        reduced = comm.allreduce_sum(self.local.cpu(), name=name).tolist()  # sync point
+        self.carried = tuple(a + b for a, b in zip(self.carried, reduced))
+        self.local.zero_()
+        return self.carried
 
     def reduce(self, name: str) -> dict:
-        """Sum over all ranks (a collective: every rank must call it) and return loss and accuracies in %."""
-        loss_sum, top1, top5, count = self.reduced_totals(name)
-        if count == 0:
-            return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images": 0}
-        return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}
+        """The epoch's loss and accuracies in % over all ranks (a collective: every rank must call it)."""
+        return summarize(self.fold(name))
+
+
+def summarize(sums: tuple[float, ...]) -> dict:
+    """Loss and accuracies in % from [loss_sum, top1_correct, top5_correct, count]."""
+    loss_sum, top1, top5, count = sums
+    if count == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images": 0}
+    return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -25,8 +25,8 @@ class Loaders:
     val: Iterable[tuple[torch.Tensor, torch.Tensor]]  # this rank's shard of the val set; may be empty
     train_batches: int  # micro-batches per rank per epoch (equal on every rank)
     num_classes: int
-    # set_epoch(epoch, first_batch=0), before each epoch: that epoch's global shuffle, from its first_batch-th
-    # micro-batch on (a run resumed within an epoch reads exactly the rest of it)
+    # set_epoch(epoch, images_done=0), before each epoch: that epoch's global shuffle, after the first
+    # images_done images of it (a run resumed within an epoch reads exactly the rest; shards.py)
     set_epoch: Callable[..., None]
     description: str  # what decodes, where, with how many threads: logged at start
 

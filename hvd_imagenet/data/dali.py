@@ -151,10 +151,10 @@ def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loa
     options = dict(batch_size=config.batch_size, num_threads=threads, prefetch_queue_depth=config.dali_prefetch,
                    device_id=ctx.local_rank if device == "gpu" else None)
     size, layout = config.image_size, config.channels_last
-    position = [0, 0]  # (epoch, first batch) of the pass set_epoch selected
+    position = [0, 0]  # (epoch, images done before it) of the pass set_epoch selected
 
     def build_train(files: list[str], labels: list[int]):
-        # Augmentation draws from (seed, epoch, rank, first batch): a run resumed at an epoch boundary crops
+        # Augmentation draws from (seed, epoch, images done, rank): a run resumed at an epoch boundary crops
         # what the uninterrupted one did; one resumed within an epoch reads the same images, cropped afresh
         # (DALI's generators cannot skip ahead).
         seed = int(np.random.SeedSequence([config.seed, *position, ctx.rank]).generate_state(1)[0] >> 1)
@@ -165,11 +165,11 @@ def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loa
 
     train = DaliPass([], build_train, ctx, config.batch_size, config.dali_prefetch, layout)
 
-    def set_epoch(epoch: int, first_batch: int = 0) -> None:
-        indices = train_shard(len(samples.train), config.seed, epoch, ctx.rank, ctx.size)
+    def set_epoch(epoch: int, images_done: int = 0) -> None:
+        indices = train_shard(len(samples.train), config.seed, epoch, ctx.rank, ctx.size, images_done)
         usable = len(indices) // config.batch_size * config.batch_size  # full batches only
-        train.samples = [samples.train[i] for i in indices[first_batch * config.batch_size:usable]]
-        position[:] = [epoch, first_batch]
+        train.samples = [samples.train[i] for i in indices[:usable]]
+        position[:] = [epoch, images_done]
 
     set_epoch(0)
     val = DaliPass([samples.val[i] for i in val_shard(len(samples.val), ctx.rank, ctx.size)], build_val, ctx,

@@ -31,5 +31,5 @@ def synthetic_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
             return itertools.repeat(batch, batches)
 
     return Loaders(train=Repeat(), val=(), train_batches=batches, num_classes=IMAGENET_CLASSES,
-                   set_epoch=lambda epoch, first_batch=0: None,
+                   set_epoch=lambda epoch, images_done=0: None,
                    description="synthetic: one fixed random batch on the device")

@@ -1,10 +1,13 @@
 """torchvision transforms + DataLoader: PIL decode on CPU worker processes."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.forkserver
+import os
+import select
 import signal
-from pathlib import Path
+import threading
 
 import numpy as np
 import torch
@@ -59,15 +62,15 @@ class EpochShard(Sampler[tuple[int, int]]):
 
     def __init__(self, num_samples: int, seed: int, batch_size: int, ctx: DistContext):
         self.num_samples, self.seed, self.batch_size, self.ctx = num_samples, seed, batch_size, ctx
-        self.epoch, self.first_batch = 0, 0
+        self.epoch, self.images_done = 0, 0
 
-    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
-        self.epoch, self.first_batch = epoch, first_batch
+    def set_epoch(self, epoch: int, images_done: int = 0) -> None:
+        self.epoch, self.images_done = epoch, images_done
 
     def __iter__(self):
         epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-        indices = train_shard(self.num_samples, self.seed, self.epoch, self.ctx.rank, self.ctx.size)
-        for index in indices[self.first_batch * self.batch_size:]:
+        for index in train_shard(self.num_samples, self.seed, self.epoch, self.ctx.rank, self.ctx.size,
+                                 self.images_done):
             yield index, epoch_seed * 2**24 + index
 
     def __len__(self) -> int:
@@ -100,7 +103,8 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
     The server starts here with SIGUSR1 and SIGTERM ignored, which it and its workers inherit: SLURM signals
     every process of a job step, and a worker killed by the pre-emption warning would end the run that the
-    trainer is stopping cleanly (train.StopRequest). Workers still exit when their trainer does."""
+    trainer is stopping cleanly (train.StopRequest). Workers still exit when their trainer does
+    (exit_with_trainer)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchvision", __name__])
     previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGUSR1, signal.SIGTERM)}
@@ -110,6 +114,21 @@ def worker_context() -> multiprocessing.context.BaseContext:
         for number, handler in previous.items():
             signal.signal(number, handler)
     return context
+
+
+def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker exits as soon as its trainer process ends, however it ends.
+
+    torch's own check in a worker is "is my parent alive", and a forkserver worker's parent is the server,
+    which waits for its workers to go: a trainer killed with -9 (or by the OOM killer) would leave both
+    behind, holding the launcher's stdout pipe open, and horovodrun then waits forever (seen here)."""
+    trainer = os.pidfd_open(trainer_pid)  # readable once the process has ended (Linux >= 5.3)
+
+    def wait_then_exit():
+        select.select([trainer], [], [])
+        os._exit(0)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-trainer", daemon=True).start()
 
 
 def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
@@ -132,7 +151,7 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples)
     # set_epoch still selects each epoch's shuffle.
     options = dict(batch_size=config.batch_size, num_workers=config.workers or default_threads(ctx),
                    pin_memory=ctx.device.type == "cuda", multiprocessing_context=worker_context(),
-                   persistent_workers=True)
+                   persistent_workers=True, worker_init_fn=functools.partial(exit_with_trainer, os.getpid()))
     train = DataLoader(train_set, sampler=sampler, drop_last=True, **options)
     val = DataLoader(val_set, **options) if len(val_set) else ()
     return Loaders(
