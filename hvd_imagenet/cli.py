@@ -1,4 +1,4 @@
-"""`hvd-imagenet`: train, schedule, make-dataset, check-data, bench-loader.
+"""`hvd-imagenet`: train, schedule, make-dataset, check-data, bench-loader, study.
 
 The train flags are built from the fields of config.TrainConfig (and the lr fields of schedule.LRPolicy), one
 flag per field, so defaults and help live with the dataclass. Problems a user can fix end as one line on
@@ -110,10 +110,18 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> None:
-    from .data.make_dataset import make_dataset
+    from .data.make_dataset import make_dataset, make_digits
 
-    count = make_dataset(Path(args.output), args.classes, args.train_per_class, args.val_per_class, args.seed,
-                         args.workers)
+    shapes_only = {"classes": 10, "train_per_class": 100, "val_per_class": 20, "seed": 0}
+    if args.kind == "digits":
+        given = [f"--{name.replace('_', '-')}" for name in shapes_only if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"--kind digits is a fixed data set (10 classes, a fixed split); drop {' '.join(given)}")
+        count = make_digits(Path(args.output))
+    else:
+        values = {name: default if getattr(args, name) is None else getattr(args, name)
+                  for name, default in shapes_only.items()}
+        count = make_dataset(Path(args.output), **values, workers=args.workers)
     print(f"make-dataset: wrote {count} JPEG files to {args.output}")
 
 
@@ -153,10 +161,27 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
     for name in ("batch_size", "epochs", "threads", "repeats", "image_size", "dali_prefetch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
-    report = bench_loaders(Path(args.data), getattr(args, "loader", ["dali", "torchvision"]), args.batch_size, args.epochs,
-                           args.threads, args.repeats, args.image_size, args.dali_device, args.dali_prefetch)
+    loaders = getattr(args, "loader", ["dali", "torchvision"])
+    report = bench_loaders(Path(args.data), loaders, args.batch_size, args.epochs, args.threads, args.repeats,
+                           args.image_size, args.dali_device, args.dali_prefetch)
     report["command"] = "hvd-imagenet " + " ".join(sys.argv[1:])
     print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from .study import report, run
+    from .study.grid import Scale, resolve
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, not {args.seeds}")
+    settings, scale = resolve(args.preset, build_dataclass(Scale, args))
+    output = Path(args.output)
+    runs = run.plan(settings, args.seeds, output)
+    command = "hvd-imagenet " + " ".join(sys.argv[1:])
+    run.write_plan(runs, scale, args.preset, command, output)
+    run.run_all(runs, scale, Path(args.data))
+    written = report.write_report(runs, settings, scale, args.preset, command, output)
+    print(f"study: wrote {', '.join(str(path) for path in written)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,12 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(schedule, LRPolicy)
     schedule.set_defaults(run=cmd_schedule)
 
+    from .data.make_dataset import KINDS
+
     make = commands.add_parser("make-dataset", help="write a small learnable ImageNet-layout set of JPEG files")
     make.add_argument("--output", required=True)
-    make.add_argument("--classes", type=int, default=10)
-    make.add_argument("--train-per-class", type=int, default=100)
-    make.add_argument("--val-per-class", type=int, default=20)
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--kind", choices=KINDS, default="shapes",
+                      help="shapes: generated colored shapes, 200-500 px; digits: scikit-learn's 1,797 "
+                           "handwritten digits (real), 40 px, a fixed train/val split")
+    make.add_argument("--classes", type=int, help="shapes: classes (default 10)")
+    make.add_argument("--train-per-class", type=int, help="shapes: train images per class (default 100)")
+    make.add_argument("--val-per-class", type=int, help="shapes: val images per class (default 20)")
+    make.add_argument("--seed", type=int, help="shapes: seed (default 0)")
     make.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     make.set_defaults(run=cmd_make_dataset)
 
@@ -217,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dali-prefetch", type=int, default=2)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(run=cmd_bench_loader)
+
+    from .study.grid import PRESETS, Scale
+
+    study = commands.add_parser(
+        "study", help="the paper's Table 1 / 2a at small scale: a grid of train runs, study.md and plots",
+        description="Runs a grid of `train` jobs under horovodrun (one after another; give the same command "
+                    "again to resume) and writes OUTPUT/study.md with the top-1 val error of each row, mean "
+                    "± std over seeds, and PNG plots. Defaults: scikit-learn's digits (make-dataset --kind "
+                    "digits), cifar_resnet14, small kn = 2 ranks x n=4 = 8, large kn = 32x that by virtual "
+                    "workers; see docs/study.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    study.add_argument("--data", required=True, help="ImageNet-layout data set (make-dataset --kind digits)")
+    study.add_argument("--output", required=True, help="study directory: study.md, *.png, runs/")
+    study.add_argument("--preset", choices=PRESETS, default="table1",
+                       help="table1: no/constant/gradual warmup at large kn vs the small-kn baseline; table2a: "
+                            "lr scaling rules; quick: baseline and gradual warmup, 3 epochs")
+    study.add_argument("--seeds", type=int, default=3, help="runs per setting (seeds 0..N-1)")
+    add_dataclass_flags(study, Scale)
+    study.set_defaults(run=cmd_study)
     return parser
 
 

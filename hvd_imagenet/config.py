@@ -18,10 +18,13 @@ COMPRESSIONS = ("none", "fp16")  # names of comm.COMPRESSORS; checked there too
 
 
 def resnet_names() -> list[str]:
-    """Every ResNet constructor torchvision ships (resnet18..152, resnext*, wide_resnet*)."""
+    """Every ResNet constructor torchvision ships (resnet18..152, resnext*, wide_resnet*), and the small-image
+    ResNets of model.py."""
     import torchvision.models  # here, not at the top: `hvd-imagenet --help` need not wait for torch
 
-    return sorted(name for name in torchvision.models.resnet.__all__ if name[0].islower())
+    from .model import SMALL_IMAGE_RESNETS
+
+    return sorted([name for name in torchvision.models.resnet.__all__ if name[0].islower()] + [*SMALL_IMAGE_RESNETS])
 
 
 def default_loader() -> str:
@@ -38,7 +41,8 @@ class TrainConfig:
     data: str = field(default="", metadata=_help("ImageNet-layout data set: DIR/train/<class>/*, DIR/val/<class>/*"))
     output: str = field(default="", metadata=_help("run directory: config.json, metrics.jsonl, checkpoints/"))
     checkpoint_dir: str = field(default="", metadata=_help("where checkpoints go (default: OUTPUT/checkpoints)"))
-    arch: str = field(default="resnet50", metadata=_help("any torchvision ResNet"))
+    arch: str = field(default="resnet50", metadata=_help(
+        "any torchvision ResNet, or cifar_resnet8/14/20 (He et al. 2016, for small images; the study's)"))
     epochs: int = field(default=90, metadata=_help("training epochs (Sec. 5.1: 90)"))
     batch_size: int = field(default=32, metadata=_help("images per worker per step, n (Sec. 2.3: 32)"))
     lr: LRPolicy = field(default_factory=LRPolicy)
@@ -48,6 +52,9 @@ class TrainConfig:
     bn_weight_decay: bool = field(default=False, metadata=_help("also decay BN gamma/beta and biases"))
     zero_init_residual: bool = field(default=True, metadata=_help("gamma=0 in each block's last BN (Sec. 5.1)"))
     image_size: int = field(default=224, metadata=_help("training crop and val center crop, px"))
+    min_crop_area: float = field(default=0.08, metadata=_help(
+        "scale augmentation: the smallest crop, as a fraction of the image's area (Sec. 5.1, after Szegedy et "
+        "al.: 0.08); small images of whole objects (the study's digits) want more"))
     val_resize: int = field(default=256, metadata=_help("val: shorter side resized to this, then center crop"))
     batches_per_allreduce: int = field(
         default=1, metadata=_help("virtual workers: micro-batches of n per rank per step, each with its own BN stats")
@@ -91,7 +98,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
         if self.arch not in resnet_names():
-            raise UserError(f"--arch {self.arch!r} is not a torchvision ResNet; choose from {', '.join(resnet_names())}")
+            raise UserError(f"--arch {self.arch!r} is not a known ResNet; choose from {', '.join(resnet_names())}")
         if self.loader not in LOADERS:
             raise UserError(f"--loader must be one of {', '.join(LOADERS)}, not {self.loader!r}")
         if self.dali_device not in DALI_DEVICES:
@@ -100,6 +107,8 @@ class TrainConfig:
             raise UserError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         if self.compression not in COMPRESSIONS:
             raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
+        if not 0 < self.min_crop_area <= 1:
+            raise UserError(f"--min-crop-area must be in (0, 1], not {self.min_crop_area}")
         self.lr.check_fits(self.epochs)
         if self.val_resize < self.image_size:
             raise UserError(f"--val-resize {self.val_resize} is smaller than --image-size {self.image_size}")

@@ -10,3 +10,4 @@ class Diverged(RuntimeError):
     good checkpoint and exits with EXIT_STATUS, so a launcher or a requeue script can tell it from bad input."""
 
     EXIT_STATUS = 3
+    RECORD_FILE = "diverged.json"  # rank 0 writes it into the run directory: where, and the message

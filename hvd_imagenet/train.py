@@ -149,7 +149,8 @@ class Trainer:
         if not self.world.ctx.is_primary:
             return None
         writer = RunWriter(self.output, self.resolved_config(), keep_epochs=epochs_done)
-        (self.output / STOPPED_FILE).unlink(missing_ok=True)
+        for stale in (STOPPED_FILE, Diverged.RECORD_FILE):
+            (self.output / stale).unlink(missing_ok=True)
         return writer
 
     def describe(self) -> None:
@@ -261,7 +262,11 @@ class Trainer:
                 log.warning("epoch %d step %d: NaN/inf in the averaged gradients; step skipped (%d so far)",
                             epoch + 1, step + 1, state.skipped)
             else:
-                raise Diverged(self.divergence_message(epoch, step))
+                message = self.divergence_message(epoch, step)
+                if w.ctx.is_primary:
+                    record = {"epoch": epoch + 1, "step": step + 1, "message": message}
+                    (self.output / Diverged.RECORD_FILE).write_text(json.dumps(record) + "\n")
+                raise Diverged(message)
             progress.update()
             if w.ctx.is_primary and (step % PROGRESS_EVERY == 0 or step == steps - 1):
                 elapsed = time.perf_counter() - start_time

@@ -62,3 +62,29 @@ def test_classes_are_learnable(tiny_data):
     correct = sum(min(centroids, key=lambda c: distance(centroids[c], dominant_hue(path))) == label
                   for path, label in val.samples)
     assert correct / len(val.samples) >= 0.8  # chance: 0.25
+
+
+def test_digits_are_scikit_learns_in_a_fixed_split(tmp_path):
+    """Every one of the 1,797 digits once, as grayscale JPEG in ImageNet layout, its label its folder; the
+    split is fixed (two runs write the same files); the shapes-only flags are refused."""
+    from sklearn.datasets import load_digits
+
+    out = tmp_path / "digits"
+    result = run_cli("make-dataset", "--kind", "digits", "--output", out)
+    assert result.returncode == 0, result.stderr
+    train, val = ImageFolder(out / "train"), ImageFolder(out / "val")
+    assert (len(train), len(val)) == (1438, 359) and train.classes == val.classes and len(train.classes) == 10
+    digits = load_digits()
+    for path, label in train.samples[::97] + val.samples[::31]:
+        index = int(path.rsplit("_", 1)[1].split(".")[0])
+        assert label == digits.target[index]
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.mode == "L" and image.size == (20, 20)
+            # Downsampled back to 8x8 it is the scikit-learn digit (0..16 scaled to 0..255), up to JPEG loss.
+            small = np.asarray(image.crop((2, 2, 18, 18)).resize((8, 8), Image.Resampling.BOX), dtype=float)
+            assert np.abs(small - digits.images[index] * 255 / 16).mean() < 20
+    again = tmp_path / "again"
+    run_cli("make-dataset", "--kind", "digits", "--output", again)
+    assert all((again / p.relative_to(out)).read_bytes() == p.read_bytes() for p in out.rglob("*.JPEG"))
+    refused = run_cli("make-dataset", "--kind", "digits", "--output", tmp_path / "x", "--classes", "3")
+    assert refused.returncode == 2 and "drop --classes" in refused.stderr

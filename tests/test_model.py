@@ -58,3 +58,15 @@ def test_channels_last_batches_keep_weights_and_gradients_contiguous():
     assert model.layer1(model.maxpool(model.conv1(images))).is_contiguous(memory_format=torch.channels_last)
     model(images).sum().backward()
     assert all(p.is_contiguous() and p.grad.is_contiguous() for p in model.parameters())
+
+
+def test_small_image_resnets_have_he_et_al_sizes_and_zero_init():
+    """He et al. (2016, Table 6): ResNet-20 for CIFAR has 0.27M parameters (ours uses 1x1-conv shortcuts where
+    the shape changes, +0.003M); 6m+2 layers; each block's last BN gamma starts at 0 (Sec. 5.1)."""
+    model = build_model("cifar_resnet20", 10, zero_init_residual=True)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 0.27
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) + 1 == 20  # + the linear layer
+    bns = last_bns(model)
+    assert len(bns) == 9 and all(torch.count_nonzero(bn.weight) == 0 for bn in bns)
+    assert build_model("cifar_resnet8", 10, True)(torch.rand(2, 3, 16, 16)).shape == (2, 10)

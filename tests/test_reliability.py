@@ -2,6 +2,7 @@
 controllers, a kill during a checkpoint write, corrupt and foreign checkpoints, a resume on another world
 size, diverging training, and an elastic job that loses a worker and one that gains one.
 (The SIGUSR1 stop-and-resume is in test_slurm.py; bad flags and bad data in test_cli.py.)"""
+import json
 import math
 import os
 import signal
@@ -202,6 +203,8 @@ def test_diverging_training_stops_and_names_the_last_good_checkpoint(tiny_data, 
     lines = [line for line in result.stderr.splitlines() if "NaN/inf in the averaged gradients" in line]
     assert len(lines) == 1, result.stderr[-3000:]  # rank 0 speaks for both
     assert f"last good checkpoint {good}" in lines[0] and "of epoch" in lines[0]
+    record = json.loads((output / "diverged.json").read_text())  # for scripts (`study` reads it)
+    assert record["epoch"] == 2 and record["message"] in lines[0]
     assert good.read_bytes() == before
     assert [p.name for p in checkpoint.list_checkpoints(output / "checkpoints")][-1] == "epoch-0001.pt"
 

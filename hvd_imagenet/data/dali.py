@@ -46,13 +46,14 @@ def choose_device(requested: str, ctx: DistContext) -> str:
 
 
 @pipeline_def
-def train_pipeline(files: list[str], labels: list[int], device: str, image_size: int, channels_last: bool):
+def train_pipeline(files: list[str], labels: list[int], device: str, image_size: int, min_crop_area: float,
+                   channels_last: bool):
     encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="reader")
     # Scale and aspect-ratio augmentation (Sec. 5.1), as torchvision's RandomResizedCrop draws it, decoding
     # only the crop's region of the JPEG.
     images = fn.decoders.image_random_crop(
         encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-        random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+        random_area=[min_crop_area, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
     )
     images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
                        antialias=True)
@@ -158,7 +159,7 @@ def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loa
         # what the uninterrupted one did; one resumed within an epoch reads the same images, cropped afresh
         # (DALI's generators cannot skip ahead).
         seed = int(np.random.SeedSequence([config.seed, *position, ctx.rank]).generate_state(1)[0] >> 1)
-        return train_pipeline(files, labels, device, size, layout, seed=seed, **options)
+        return train_pipeline(files, labels, device, size, config.min_crop_area, layout, seed=seed, **options)
 
     def build_val(files: list[str], labels: list[int]):
         return val_pipeline(files, labels, device, size, config.val_resize, layout, seed=config.seed, **options)

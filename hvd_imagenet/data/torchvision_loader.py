@@ -133,8 +133,9 @@ def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
 
 def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
     normalize = transforms.Normalize(MEAN, STD)
+    # Scale and aspect-ratio augmentation (Sec. 5.1), and the crop or its flip.
     train_set = ImageFiles(samples.train, transforms.Compose([
-        transforms.RandomResizedCrop(config.image_size),  # scale and aspect-ratio augmentation (Sec. 5.1)
+        transforms.RandomResizedCrop(config.image_size, scale=(config.min_crop_area, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         normalize,

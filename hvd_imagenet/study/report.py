@@ -1,0 +1,222 @@
+"""study.md, results.json and the plots of a finished study, from its runs' metrics.jsonl and config.json.
+
+The error of a run is the paper's: the median of the last FINAL_EPOCHS epochs' top-1 val error (Sec. 5.1);
+a row is mean ± std over its seeds (sample std, ddof=1), as the paper's tables are over 5 runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import Diverged, UserError
+from ..metrics import read_metrics
+from ..schedule import lr_at
+from .grid import Scale, Setting, global_batch, lr_policy, peak
+from .run import Run
+
+FINAL_EPOCHS = 5
+PLOTS = ("training_error.png", "lr_schedule.png")
+
+
+@dataclass
+class Outcome:
+    """One setting over its seeds."""
+
+    setting: Setting
+    errors: list[float] = field(default_factory=list)  # final top-1 val error %, one per finished seed
+    diverged: int = 0  # seeds whose run stopped on NaN/inf gradients
+    train_curves: list[list[float]] = field(default_factory=list)  # training error % per epoch, per seed
+    train_final: list[float] = field(default_factory=list)
+    steps_per_epoch: int = 0
+    seconds: float = 0.0  # training time of all seeds
+
+    def summary(self) -> str:
+        """'1.95 ± 0.21' (or '1.95' for one seed), and how many seeds diverged."""
+        text = mean_std(self.errors) if self.errors else "-"
+        return text + (f" ({self.diverged} diverged)" if self.diverged else "")
+
+    def steps(self, epochs: int) -> str:
+        return str(self.steps_per_epoch * epochs) if self.steps_per_epoch else "-"
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def final_error(records: list[dict]) -> float:
+    return statistics.median(100 - r["val_top1"] for r in records[-FINAL_EPOCHS:])
+
+
+def collect(runs: list[Run], settings: tuple[Setting, ...], epochs: int) -> list[Outcome]:
+    outcomes = {s.key: Outcome(s) for s in settings}
+    for run in runs:
+        outcome = outcomes[run.setting.key]
+        records = read_metrics(run.directory)
+        config_path = run.directory / "config.json"
+        if config_path.exists():
+            outcome.steps_per_epoch = json.loads(config_path.read_text())["steps_per_epoch"]
+        outcome.seconds += sum(r["epoch_seconds"] for r in records)
+        if (run.directory / Diverged.RECORD_FILE).exists():
+            outcome.diverged += 1
+        elif len(records) >= epochs:
+            outcome.errors.append(final_error(records[:epochs]))
+            outcome.train_curves.append([100 - r["train_top1"] for r in records[:epochs]])
+            outcome.train_final.append(outcome.train_curves[-1][-1])
+    return list(outcomes.values())
+
+
+def write_report(runs: list[Run], settings: tuple[Setting, ...], scale: Scale, preset: str, command: str,
+                 output: Path) -> list[Path]:
+    """Write study.md, results.json and PLOTS into output; returns their paths."""
+    outcomes = collect(runs, settings, scale.epochs)
+    if not any(o.errors for o in outcomes):
+        raise UserError(f"study: no run in {output / 'runs'} has finished; nothing to report")
+    plot_training_error(outcomes, scale, output / PLOTS[0])
+    plot_lr_schedules(outcomes, scale, output / PLOTS[1])
+    seeds = max(r.seed for r in runs) + 1
+    results = {
+        "preset": preset, "command": command, "scale": scale.__dict__, "seeds": seeds,
+        "error": f"median top-1 val error % of the last {FINAL_EPOCHS} epochs, per seed",
+        "rows": [{"key": o.setting.key, "label": o.setting.label(scale), "global_batch": global_batch(o.setting, scale),
+                  "peak_lr": peak(o.setting, scale), "warmup": o.setting.warmup, "lr_scaling": o.setting.lr_scaling,
+                  "steps": o.steps_per_epoch * scale.epochs, "val_error": o.errors, "diverged": o.diverged,
+                  "train_error": o.train_final, "paper": o.setting.paper, "train_seconds": o.seconds}
+                 for o in outcomes],
+    }
+    (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (output / "study.md").write_text(markdown(outcomes, scale, preset, command, seeds))
+    return [output / "study.md", output / "results.json", *(output / name for name in PLOTS)]
+
+
+def markdown(outcomes: list[Outcome], scale: Scale, preset: str, command: str, seeds: int) -> str:
+    baseline = outcomes[0]
+    rows = []
+    for o in outcomes:
+        s = o.setting
+        gap = (f"{statistics.mean(o.errors) - statistics.mean(baseline.errors):+.2f}"
+               if o is not baseline and o.errors and baseline.errors else "")
+        workers = f"{scale.ranks} x {scale.large_factor if s.large else 1}"
+        rows.append(f"| {s.label(scale)} | {global_batch(s, scale)} | {workers} | {peak(s, scale):.4g} | "
+                    f"{s.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | **{o.summary()}** | "
+                    f"{gap} | {mean_std(o.train_final) if o.train_final else '-'} | {s.paper} |")
+    hours = sum(o.seconds for o in outcomes) / 3600
+    policy = lr_policy(baseline.setting, scale)
+    return f"""# Study `{preset}`: large minibatch vs small, at small scale
+
+Written by `hvd-imagenet study` from the runs in `runs/` (each run's `metrics.jsonl` and `config.json` are there).
+
+    {command}
+
+Top-1 val error (%) is the paper's measure: the median of the last {FINAL_EPOCHS} epochs' val error of a run; each
+row is mean ± std (sample std) over its seeds ({seeds} asked; "seeds" counts those that finished, a diverged
+run is counted apart). "workers" is Horovod ranks x virtual workers per rank (the paper's k). "gap" is the row's mean minus the baseline's (first row), in points; "train err" is
+the last epoch's (augmented images, train-mode BN), mean ± std.
+The last column is the paper's row (ResNet-50 on ImageNet, Goyal et al. 2017, Table 1 / 2a, 5 runs each).
+
+| setting | kn | workers | peak lr | lr rule | warmup | steps | seeds | val error % | gap | train err % | paper |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Scale: {scale.arch}, {scale.image_size} px crops (min area {scale.min_crop_area}), n={scale.batch_size} images per
+(virtual) worker with its own BN statistics, {scale.epochs} epochs, warmup {policy.warmup_epochs:g} epochs, lr x0.1 at
+epochs {", ".join(map(str, policy.lr_steps))} (the paper's 5 and 30/60/80 of 90, in proportion); SGD with Nesterov
+momentum 0.9, weight decay 1e-4 not on BN/bias, zero-init of each block's last BN gamma. Training time
+{hours:.2f} h in all on {os.cpu_count()} CPU core(s) ({platform.machine()}).
+
+![training error vs epoch](training_error.png)
+
+Training error per epoch, mean over seeds with ± std shaded; the legend gives each row's top-1 val error, as
+the paper's Fig. 2 does.
+
+![lr schedules](lr_schedule.png)
+
+The lr of each row against the epoch (left: the whole run, log scale; right: the first epochs).
+"""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("study plots need matplotlib: pip install 'hvd_imagenet[study]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log_axis(ax) -> None:
+    """A log-scale y axis labelled 0.1, 1, 10 (not 10^-1, 10^0, 10^1)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+
+
+def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> None:
+    """One panel per row after the baseline, each against the baseline (the layout of the paper's Fig. 2)."""
+    import numpy as np
+
+    plt = _pyplot()
+    baseline, others = outcomes[0], outcomes[1:] or outcomes[:1]
+    figure, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 4), sharey=True, squeeze=False)
+
+    def draw(ax, outcome: Outcome, color: str) -> None:
+        if not outcome.train_curves:
+            return
+        curves = np.array(outcome.train_curves)
+        epochs = np.arange(1, curves.shape[1] + 1)
+        mean, std = curves.mean(axis=0), curves.std(axis=0, ddof=1) if len(curves) > 1 else 0 * curves[0]
+        ax.plot(epochs, mean, color=color, label=f"{outcome.setting.label(scale)}: {outcome.summary()}%")
+        ax.fill_between(epochs, np.maximum(mean - std, 1e-2), mean + std, color=color, alpha=0.2)
+
+    for ax, outcome in zip(axes[0], others):
+        draw(ax, baseline, "tab:blue")
+        if outcome is not baseline:
+            draw(ax, outcome, "tab:red")
+        ax.set_title(outcome.setting.key, fontsize=10)
+        log_axis(ax)
+        ax.set_xlabel("epoch")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0][0].set_ylabel("training error % (log scale)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_lr_schedules(outcomes: list[Outcome], scale: Scale, path: Path) -> None:
+    plt = _pyplot()
+    figure, (whole, start) = plt.subplots(1, 2, figsize=(11, 4))
+    warmup_end = lr_policy(outcomes[0].setting, scale).warmup_epochs
+    for outcome in outcomes:
+        steps = outcome.steps_per_epoch
+        if not steps:
+            continue
+        policy, kn = lr_policy(outcome.setting, scale), global_batch(outcome.setting, scale)
+        epochs = [i / steps for i in range(steps * scale.epochs)]
+        lrs = [lr_at(policy, i, steps, kn) for i in range(steps * scale.epochs)]
+        label = outcome.setting.label(scale)
+        whole.plot(epochs, lrs, label=label, drawstyle="steps-post")
+        first = [i for i, e in enumerate(epochs) if e < max(3 * warmup_end, 1.0)]
+        start.plot([epochs[i] for i in first], [lrs[i] for i in first], label=label, drawstyle="steps-post",
+                   marker="." if steps < 20 else None)
+    log_axis(whole)
+    whole.set_title("the whole run", fontsize=10)
+    start.set_title("the first epochs: warmup", fontsize=10)
+    for ax in (whole, start):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("lr")
+        ax.grid(True, which="both", alpha=0.3)
+    start.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,117 @@
+"""`hvd-imagenet study`: the grid stands for the paper's rows (pure), and the quick preset runs end to end under
+real horovodrun on scikit-learn's digits, writing the table and the plots, and resumes without re-running."""
+import json
+import math
+import statistics
+
+import pytest
+from PIL import Image
+
+from hvd_imagenet.schedule import LRPolicy, lr_at
+from hvd_imagenet.study.grid import PRESETS, Scale, resolve, train_args
+
+from conftest import run_cli
+
+
+def flags(args: list[str]) -> dict:
+    return dict(zip(args[::2], args[1::2]))
+
+
+def peak_and_start(run: dict) -> tuple[float, float]:
+    """The lr of the run's first step and of the first step after warmup, by the flags the run gets."""
+    policy = LRPolicy(base_lr=float(run["--base-lr"]), ref_batch=int(run["--ref-batch"]),
+                      lr_scaling=run["--lr-scaling"], warmup=run["--warmup"],
+                      warmup_epochs=float(run["--warmup-epochs"]),
+                      lr_steps=tuple(int(s) for s in run["--lr-steps"].split(",")))
+    kn = 2 * int(run["--batches-per-allreduce"]) * int(run["--batch-size"])  # 2 ranks
+    steps = 100
+    return lr_at(policy, 0, steps, kn), lr_at(policy, int(policy.warmup_epochs * steps) + 1, steps, kn)
+
+
+def test_table1_grid_is_the_papers_table1_at_small_scale():
+    """Baseline kn = 2 ranks x n=4 = 8 at eta=0.02; large kn = 32x by 32 virtual workers per rank at 32 x eta,
+    with no, constant or gradual warmup over 36 x 5/90 = 2 epochs; lr x0.1 at 36 x (30, 60, 80)/90."""
+    settings, scale = resolve("table1", Scale())
+    assert scale.epochs == 36
+    runs = {s.key: flags(train_args(s, scale, seed=1, data="D", output="O")) for s in settings}
+    assert list(runs) == ["small", "large-no-warmup", "large-constant-warmup", "large-gradual-warmup"]
+    for key, run in runs.items():
+        assert (run["--batch-size"], run["--ref-batch"], run["--seed"], run["--epochs"]) == ("4", "8", "1", "36")
+        assert run["--batches-per-allreduce"] == ("1" if key == "small" else "32")
+        assert float(run["--warmup-epochs"]) == 2.0 and run["--lr-steps"] == "12,24,32"
+    assert peak_and_start(runs["small"]) == (0.02, 0.02)
+    assert peak_and_start(runs["large-no-warmup"]) == pytest.approx((0.64, 0.64))
+    assert peak_and_start(runs["large-constant-warmup"]) == pytest.approx((0.02, 0.64))
+    assert peak_and_start(runs["large-gradual-warmup"]) == pytest.approx((0.02, 0.64))  # 0.02 up to 0.64
+
+
+def test_table2a_grid_scales_the_lr_three_ways():
+    settings, scale = resolve("table2a", Scale(eta=0.1, epochs=90))
+    runs = {s.key: flags(train_args(s, scale, seed=0, data="D", output="O")) for s in settings}
+    peaks = {key: peak_and_start(run)[1] for key, run in runs.items()}
+    assert peaks == pytest.approx({"small": 0.1, "small-eta-x0.5": 0.05, "small-eta-x2": 0.2,  # the paper's
+                                   "large-linear": 3.2, "large-unscaled": 0.1,  # Table 2a at 256 and 8k
+                                   "large-sqrt": 0.1 * math.sqrt(32)})
+    assert runs["large-sqrt"]["--lr-steps"] == "30,60,80" and float(runs["large-sqrt"]["--warmup-epochs"]) == 5
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def test_unknown_preset_is_refused():
+    result = run_cli("study", "--data", "D", "--output", "O", "--preset", "table9")
+    assert result.returncode == 2 and "invalid choice: 'table9'" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "data"
+    result = run_cli("make-dataset", "--kind", "digits", "--output", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_quick_study_runs_writes_table_and_plots_and_resumes(digits, tmp_path):
+    output = tmp_path / "study"
+    command = ["study", "--data", digits, "--output", output, "--preset", "quick", "--seeds", "2", "--epochs", "1"]
+    result = run_cli(*command, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # Every run is a real 2-rank Horovod job with the grid's world size, virtual workers and lr.
+    for key, kn, virtual, lr in (("small", 8, 1, 0.02), ("large-gradual-warmup", 256, 32, 0.64)):
+        for seed in (0, 1):
+            config = json.loads((output / "runs" / f"{key}-seed{seed}" / "config.json").read_text())
+            assert (config["world_size"], config["global_batch"], config["batches_per_allreduce"]) == (2, kn, virtual)
+            assert config["peak_lr"] == pytest.approx(lr) and config["seed"] == seed
+
+    results = json.loads((output / "results.json").read_text())
+    assert [row["key"] for row in results["rows"]] == ["small", "large-gradual-warmup"]
+    for row in results["rows"]:
+        runs = [output / "runs" / f"{row['key']}-seed{seed}" for seed in (0, 1)]
+        metrics = [json.loads(line) for run in runs for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert row["val_error"] == pytest.approx([100 - m["val_top1"] for m in metrics])  # 1 epoch: its own
+    study = (output / "study.md").read_text()
+    small, large = (mean_std(row["val_error"]) for row in results["rows"])
+    assert "| kn=8, eta=0.02 | 8 | 2 x 1 | 0.02 |" in study and f"**{small}**" in study
+    assert "| kn=256, eta=0.02x32, gradual warmup | 256 | 2 x 32 | 0.64 |" in study and f"**{large}**" in study
+    for name in ("training_error.png", "lr_schedule.png"):
+        with Image.open(output / name) as image:
+            assert image.format == "PNG" and image.size[0] > 500
+        assert f"]({name})" in study
+
+    again = run_cli(*command, timeout=300)
+    assert again.returncode == 0 and "4 of 4 runs finished earlier" in again.stdout, again.stdout + again.stderr
+    assert json.loads((output / "results.json").read_text()) == results
+
+
+def test_study_of_another_grid_in_the_same_directory_is_refused(digits, tmp_path):
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.json").write_text(json.dumps({"preset": "table1", "scale": Scale(epochs=36).__dict__}))
+    result = run_cli("study", "--data", digits, "--output", tmp_path / "study", "--preset", "quick")
+    assert result.returncode == 2 and "holds a study with preset table1" in result.stderr
+
+
+def test_presets_put_the_baseline_first():
+    for settings, _ in PRESETS.values():
+        assert not settings[0].large and settings[0].eta_factor == 1.0
