@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--output", required=True)
     make.add_argument("--kind", choices=KINDS, default="shapes",
                       help="shapes: generated colored shapes, 200-500 px; digits: scikit-learn's 1,797 "
-                           "handwritten digits (real), 40 px, a fixed train/val split")
+                           "handwritten digits (real), 20 px, a fixed train/val split")
     make.add_argument("--classes", type=int, help="shapes: classes (default 10)")
     make.add_argument("--train-per-class", type=int, help="shapes: train images per class (default 100)")
     make.add_argument("--val-per-class", type=int, help="shapes: val images per class (default 20)")
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "again to resume) and writes OUTPUT/study.md with the top-1 val error of each row, mean "
                     "± std over seeds, and PNG plots. Defaults: scikit-learn's digits (make-dataset --kind "
                     "digits), cifar_resnet14, small kn = 2 ranks x n=4 = 8, large kn = 32x that by virtual "
-                    "workers; see docs/study.md.",
+                    "workers; see hvd_imagenet/study/grid.py and the README.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     study.add_argument("--data", required=True, help="ImageNet-layout data set (make-dataset --kind digits)")
     study.add_argument("--output", required=True, help="study directory: study.md, *.png, runs/")

@@ -74,13 +74,17 @@ def render(job: ImageJob) -> None:
     image.save(job.path, "JPEG", quality=int(rng.integers(75, 96)))
 
 
+def refuse_nonempty(output: Path) -> None:
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"--output {output} exists and is not empty")
+
+
 def make_dataset(output: Path, classes: int, train_per_class: int, val_per_class: int, seed: int,
                  workers: int = 0) -> int:
     """Write the data set; returns the number of images. Deterministic for a given seed."""
     if classes < 2 or train_per_class < 1 or val_per_class < 1:
         raise UserError("make-dataset needs --classes >= 2, --train-per-class >= 1 and --val-per-class >= 1")
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"--output {output} exists and is not empty")
+    refuse_nonempty(output)
     jobs = [
         ImageJob(output / split / wnid(c) / f"{wnid(c)}_{split}_{i:05d}.JPEG", c, classes, (seed, s, c, i))
         for s, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class)))
@@ -99,8 +103,7 @@ def make_digits(output: Path) -> int:
         from sklearn.datasets import load_digits
     except ImportError:
         raise UserError("make-dataset --kind digits needs scikit-learn: pip install 'hvd_imagenet[study]'") from None
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"--output {output} exists and is not empty")
+    refuse_nonempty(output)
     digits = load_digits()  # shipped inside scikit-learn: no download
     margin = (DIGIT_CANVAS - DIGIT_SIZE) // 2
     for index, (pixels, label) in enumerate(tqdm(list(zip(digits.images, digits.target)), desc="make-dataset",

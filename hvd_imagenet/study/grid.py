@@ -17,14 +17,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..config import _help
 from ..errors import UserError
 from ..schedule import LRPolicy, peak_lr
 
 PAPER_EPOCHS, PAPER_WARMUP, PAPER_LR_STEPS = 90, 5, (30, 60, 80)  # Sec. 2.2, 5.1
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
@@ -81,18 +78,19 @@ class Setting:
 
 
 BASELINE = Setting("small", large=False, paper="23.60 ± 0.12")
+LARGE_GRADUAL = Setting("large-gradual-warmup", large=True, warmup="gradual", paper="23.74 ± 0.09")
 PRESETS: dict[str, tuple[tuple[Setting, ...], int]] = {  # settings (the baseline first) and default epochs
     "table1": ((BASELINE,
                 Setting("large-no-warmup", large=True, paper="24.84 ± 0.37"),
                 Setting("large-constant-warmup", large=True, warmup="constant", paper="25.88 ± 0.56"),
-                Setting("large-gradual-warmup", large=True, warmup="gradual", paper="23.74 ± 0.09")), 36),
+                LARGE_GRADUAL), 36),
     "table2a": ((BASELINE,
                  Setting("small-eta-x0.5", large=False, eta_factor=0.5, paper="23.92 ± 0.10"),
                  Setting("small-eta-x2", large=False, eta_factor=2.0, paper="23.68 ± 0.09"),
                  Setting("large-linear", large=True, warmup="gradual", paper="23.74 ± 0.09"),
                  Setting("large-unscaled", large=True, warmup="gradual", lr_scaling="none", paper="41.67 ± 0.10"),
                  Setting("large-sqrt", large=True, warmup="gradual", lr_scaling="sqrt", paper="26.22 ± 0.03")), 36),
-    "quick": ((BASELINE, Setting("large-gradual-warmup", large=True, warmup="gradual", paper="23.74 ± 0.09")), 3),
+    "quick": ((BASELINE, LARGE_GRADUAL), 3),
 }
 
 

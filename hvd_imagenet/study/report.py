@@ -115,8 +115,9 @@ Written by `hvd-imagenet study` from the runs in `runs/` (each run's `metrics.js
 
 Top-1 val error (%) is the paper's measure: the median of the last {FINAL_EPOCHS} epochs' val error of a run; each
 row is mean ± std (sample std) over its seeds ({seeds} asked; "seeds" counts those that finished, a diverged
-run is counted apart). "workers" is Horovod ranks x virtual workers per rank (the paper's k). "gap" is the row's mean minus the baseline's (first row), in points; "train err" is
-the last epoch's (augmented images, train-mode BN), mean ± std.
+run is counted apart). "workers" is Horovod ranks x virtual workers per rank (the paper's k). "gap" is the
+row's mean minus the baseline's (first row), in points; "train err" is the last epoch's (augmented images,
+train-mode BN), mean ± std.
 The last column is the paper's row (ResNet-50 on ImageNet, Goyal et al. 2017, Table 1 / 2a, 5 runs each).
 
 | setting | kn | workers | peak lr | lr rule | warmup | steps | seeds | val error % | gap | train err % | paper |
