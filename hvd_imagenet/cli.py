@@ -1,4 +1,5 @@
-"""`hvd-imagenet`: train, schedule, make-dataset, check-data, bench-loader, study.
+"""`hvd-imagenet`: train, schedule, make-dataset, check-data, bench-loader, bench-allreduce, bench-train,
+scaling-model, study.
 
 The train flags are built from the fields of config.TrainConfig (and the lr fields of schedule.LRPolicy), one
 flag per field, so defaults and help live with the dataclass. Problems a user can fix end as one line on
@@ -168,6 +169,151 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=1) if args.json else format_report(report))
 
 
+def _comma_list(choices: tuple[str, ...] | None = None):
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        wrong = [item for item in items if choices and item not in choices]
+        if wrong or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices or ())}, "
+                                             f"got {text!r}")
+        return items
+    return parse
+
+
+def _payload_list(text: str) -> list[str]:
+    items = _comma_list()(text)
+    for item in items:
+        if item != "resnet50":
+            try:
+                if float(item) < 1:
+                    raise ValueError
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"a payload is resnet50 or a number of floats, not {item!r}") from None
+    return items
+
+
+def _emit(report: dict, args: argparse.Namespace, format_report) -> None:
+    """Rank 0's result: to --result-file for the driver that launched the ranks, else the table or JSON."""
+    import json
+
+    if getattr(args, "result_file", None):
+        Path(args.result_file).write_text(json.dumps(report))
+    else:
+        print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
+def cmd_bench_allreduce(args: argparse.Namespace) -> None:
+    from .bench import launch
+    from .bench.allreduce import bench_allreduce, format_report
+
+    for name in ("np", "repeats", "powersgd_rank"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+    if launch.under_launcher():  # one of the ranks
+        if args.link != "loopback":
+            raise UserError("--link starts its own ranks in a shaped network namespace; run bench-allreduce "
+                            "without horovodrun/mpirun/srun")
+        from . import comm
+
+        ctx = comm.init()
+        report = bench_allreduce(ctx, args.payloads, args.compression, args.repeats, args.warmup,
+                                 args.powersgd_rank)
+        if ctx.is_primary:
+            _emit({**report, "command": "hvd-imagenet " + " ".join(sys.argv[1:])}, args, format_report)
+        comm.shutdown()
+        return
+    forward = ["bench-allreduce", "--payloads", ",".join(args.payloads), "--compression", ",".join(args.compression),
+               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--powersgd-rank", str(args.powersgd_rank)]
+    with launch.shaped_namespace(args.link) as prefix:
+        measured = launch.measure_link(prefix) if prefix else None
+        report = launch.run_ranks(prefix, args.np, args.controller, forward)
+    report["link"] = {"name": args.link, "shaped": bool(prefix), "measured_gbit_s": measured and measured / 1e9}
+    report["command"] = "hvd-imagenet " + " ".join(sys.argv[1:])
+    _emit(report, args, format_report)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from .bench import launch
+    from .bench.train import bench_train, format_report, summarize
+    from .config import TrainConfig
+
+    for name in ("steps", "repeats", "batch_size", "image_size", "powersgd_rank"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+    if min(args.np) < 1:
+        raise UserError(f"--np must be >= 1, not {min(args.np)}")
+    config_fields = ("arch", "batch_size", "image_size", "loader", "data", "precision", "channels_last",
+                     "powersgd_rank", "powersgd_start_step", "gradient_predivide_factor", "fusion_threshold_mb",
+                     "cycle_time_ms", "hierarchical_allreduce")
+    if launch.under_launcher():  # one of the ranks: one backend, one compression
+        if len(args.backend) > 1 or len(args.compression) > 1 or args.link != "loopback":
+            raise UserError("under a launcher, bench-train measures one --backend and one --compression on the "
+                            "launcher's ranks (no --link); as a command it runs each combination itself")
+        config = TrainConfig(output="(bench-train writes nothing)", val_resize=args.image_size,
+                             compression=args.compression[0], workers=args.threads, dali_threads=args.threads,
+                             **{name: getattr(args, name) for name in config_fields})
+        run = bench_train(args.backend[0], config, args.steps, args.warmup, args.threads)
+        if run:
+            _emit({"runs": [run], "rows": summarize([run]), "repeats": 1,
+                   "command": "hvd-imagenet " + " ".join(sys.argv[1:])}, args, format_report)
+        return
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(args.np))  # the same per worker at every --np
+    forward = ["bench-train", "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(threads)]
+    for name in config_fields:
+        value = getattr(args, name)
+        if isinstance(value, bool):
+            forward.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
+        elif value != "":
+            forward += [f"--{name.replace('_', '-')}", str(value)]
+    cases = [(np, backend, compression)
+             for np in args.np for backend in args.backend for compression in args.compression]
+    runs = []
+    from tqdm import tqdm
+
+    with launch.shaped_namespace(args.link) as prefix:
+        measured = launch.measure_link(prefix) if prefix else None
+        with tqdm(total=args.repeats * len(cases), desc="bench-train", unit="run", leave=False) as progress:
+            for _ in range(args.repeats):  # interleaved: a slow moment of the machine hits every case alike
+                for np, backend, compression in cases:
+                    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(launch.free_port())}
+                    report = launch.run_ranks(prefix, np, args.controller, [*forward, "--backend", backend,
+                                                                            "--compression", compression], env)
+                    runs.extend(report["runs"])
+                    progress.update()
+    report = {"benchmark": "bench-train", "repeats": args.repeats, "rows": summarize(runs), "runs": runs,
+              "link": {"name": args.link, "shaped": bool(prefix), "measured_gbit_s": measured and measured / 1e9},
+              "command": "hvd-imagenet " + " ".join(sys.argv[1:])}
+    _emit(report, args, format_report)
+
+
+def cmd_scaling_model(args: argparse.Namespace) -> None:
+    import json
+    import statistics
+
+    from .bench.scaling import Cluster, format_report, plot, scaling_table
+
+    if args.from_bench:
+        runs = [r for r in json.loads(Path(args.from_bench).read_text())["runs"] if r["ranks"] == 1]
+        if not runs:
+            raise UserError(f"--from-bench {args.from_bench}: no 1-rank run in it (bench-train --np 1)")
+        args.step_time_ms = 1000 * statistics.median(r["step_seconds"] for r in runs)
+        args.batch_size = runs[0]["batch_size"]
+    cluster = build_dataclass(Cluster, args)
+    for name in ("step_time_ms", "batch_size", "gpus_per_node", "nvlink_gb_s", "nic_gbit_s", "nics_per_node",
+                 "hbm_gb_s", "powersgd_rank", "epochs"):
+        if getattr(cluster, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, not {getattr(cluster, name)}")
+    if not 0 <= cluster.overlap <= 1:
+        raise UserError(f"--overlap must be in [0, 1], not {cluster.overlap}")
+    if min(args.nodes) < 1:
+        raise UserError(f"--nodes must be >= 1, not {min(args.nodes)}")
+    report = scaling_table(cluster, list(args.nodes), args.compression)
+    report["command"] = "hvd-imagenet " + " ".join(sys.argv[1:])
+    if args.plot:
+        plot(report, args.plot)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
 def cmd_study(args: argparse.Namespace) -> None:
     from .study import report, run
     from .study.grid import Scale, resolve
@@ -247,6 +393,87 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dali-prefetch", type=int, default=2)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(run=cmd_bench_loader)
+
+    from .bench.launch import LINKS
+    from .config import COMPRESSIONS
+
+    launched = ("Run it as a command (it starts `horovodrun -np N` on this machine, inside a network namespace "
+                "with a shaped lo for --link), or as every rank under a launcher (horovodrun, mpirun, srun).")
+    bench_ar = commands.add_parser(
+        "bench-allreduce", help="gradient allreduce per compressor: time, algbw, busbw, wire bytes",
+        description="Times the allreduce of ResNet-50's gradients and of flat float32 tensors for each "
+                    "compressor. " + launched, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench_ar.add_argument("--payloads", type=_payload_list, default=["resnet50", "1e6", "4e6", "25.6e6"],
+                          help="resnet50 (its 161 gradient tensors, fused) and/or numbers of float32 elements")
+    bench_ar.add_argument("--compression", type=_comma_list(COMPRESSIONS), default=list(COMPRESSIONS),
+                          help="compressors, comma-separated (powersgd: resnet50 payload only)")
+    bench_ar.add_argument("--repeats", type=int, default=10, help="timed runs; the table shows the median")
+    bench_ar.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    bench_ar.add_argument("--powersgd-rank", type=int, default=2)
+    bench_ar.add_argument("--np", type=int, default=2, help="ranks to start on this machine (as a command)")
+    bench_ar.add_argument("--controller", choices=("gloo", "mpi"), default="gloo", help="(as a command)")
+    bench_ar.add_argument("--link", choices=LINKS, default="loopback",
+                          help="(as a command, root) run the ranks in a namespace whose lo is shaped to this rate")
+    bench_ar.add_argument("--json", action="store_true")
+    bench_ar.add_argument("--result-file", help=argparse.SUPPRESS)
+    bench_ar.set_defaults(run=cmd_bench_allreduce)
+
+    from .config import PRECISIONS
+
+    bench_tr = commands.add_parser(
+        "bench-train", help="training steps split into forward/backward/allreduce-wait/optimizer; Horovod vs DDP; "
+                            "weak scaling", description="Times training steps of the same model and data under "
+                            "Horovod and under PyTorch DDP (gloo on the CPU, NCCL on GPUs), at each --np, for each "
+                            "--compression; weak-scaling efficiency is img/s per worker against the fewest ranks. "
+                            + launched, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench_tr.add_argument("--backend", type=_comma_list(("horovod", "ddp")), default=["horovod", "ddp"])
+    bench_tr.add_argument("--np", type=_int_list, default=(1, 2), metavar="N,N,...",
+                          help="ranks to start on this machine, one run each (as a command)")
+    bench_tr.add_argument("--compression", type=_comma_list(COMPRESSIONS), default=["none"],
+                          help="Horovod: ours; DDP: PyTorch's fp16/bf16/PowerSGD comm hooks")
+    bench_tr.add_argument("--arch", default="resnet50")
+    bench_tr.add_argument("--batch-size", type=int, default=32, help="n, per worker")
+    bench_tr.add_argument("--image-size", type=int, default=224)
+    bench_tr.add_argument("--loader", choices=LOADERS, default="synthetic")
+    bench_tr.add_argument("--data", default="", help="with --loader dali|torchvision")
+    bench_tr.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    bench_tr.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
+    bench_tr.add_argument("--powersgd-rank", type=int, default=2)
+    bench_tr.add_argument("--powersgd-start-step", type=int, default=0,
+                          help="0: compressed from the first step (DDP's hook needs 2 plain steps: within --warmup)")
+    bench_tr.add_argument("--gradient-predivide-factor", type=float, default=1.0)
+    bench_tr.add_argument("--fusion-threshold-mb", type=float, default=128.0)
+    bench_tr.add_argument("--cycle-time-ms", type=float, default=1.0)
+    bench_tr.add_argument("--hierarchical-allreduce", action=argparse.BooleanOptionalAction, default=False)
+    bench_tr.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    bench_tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 2 for DDP's PowerSGD)")
+    bench_tr.add_argument("--repeats", type=int, default=3, help="runs per case (as a command); medians shown")
+    bench_tr.add_argument("--threads", type=int, default=0,
+                          help="CPU threads per worker (0: cores / the largest --np, the same at every --np)")
+    bench_tr.add_argument("--controller", choices=("gloo", "mpi"), default="gloo", help="(as a command)")
+    bench_tr.add_argument("--link", choices=LINKS, default="loopback",
+                          help="(as a command, root) run the ranks in a namespace whose lo is shaped to this rate")
+    bench_tr.add_argument("--json", action="store_true")
+    bench_tr.add_argument("--result-file", help=argparse.SUPPRESS)
+    bench_tr.set_defaults(run=cmd_bench_train)
+
+    from .bench.scaling import Cluster
+
+    scaling = commands.add_parser(
+        "scaling-model", help="predicted step time, img/s, efficiency and 90-epoch time at 1..32 nodes x 8 GPUs",
+        description="An alpha-beta model of Horovod's allreduce (ring and hierarchical) for each compressor, from "
+                    "one GPU's step time; its assumptions are in hvd_imagenet/bench/scaling.py and "
+                    "docs/communication.md. Defaults: H100 SXM nodes, 8 GPUs on NVLink, 8 x 200 Gb/s InfiniBand.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dataclass_flags(scaling, Cluster)
+    scaling.add_argument("--from-bench", metavar="JSON", help="take n and the 1-GPU step time from a bench-train "
+                                                              "--json result's 1-rank runs")
+    scaling.add_argument("--nodes", type=_int_list, default=(1, 2, 4, 8, 16, 32), metavar="N,N,...")
+    scaling.add_argument("--compression", type=_comma_list(("none", "fp16", "powersgd")),
+                         default=["none", "fp16", "powersgd"], help="(bf16 would be fp16 on the wire)")
+    scaling.add_argument("--plot", metavar="PNG", help="efficiency vs GPUs (needs matplotlib: pip install .[study])")
+    scaling.add_argument("--json", action="store_true")
+    scaling.set_defaults(run=cmd_scaling_model)
 
     from .study.grid import PRESETS, Scale
 

@@ -3,15 +3,28 @@
 Communication follows the paper (Sec. 4): each layer's gradient is allreduced as soon as backprop produces
 it (Horovod's hooks), averaged over all workers, which is the paper's normalization of the summed
 per-worker loss by kn (Sec. 3, Remark 3).
+
+Gradient compression (`--compression`, COMPRESSORS): none, fp16 and bf16 are element-wise Horovod Compressors
+inside DistributedOptimizer; powersgd (Vogels et al. 2019) replaces the allreduce of each weight matrix by
+two small allreduces of its low-rank factors (PowerSGD below). To add an element-wise compressor, write one
+subclass of Horovod's `Compressor` (compress(tensor) -> (tensor, ctx); decompress(tensor, ctx) -> tensor) and
+add it to COMPRESSORS; config.COMPRESSIONS lists the names for --help. docs/communication.md says more.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from dataclasses import dataclass
 
+import horovod
 import horovod.torch as hvd
 import torch
+from horovod.torch.compression import Compressor
+from horovod.torch.mpi_ops import mpi_lib
 
 from .context import DistContext
+from .errors import UserError
 
 # Raised on every other rank when one rank dies (an exception, a killed process): Horovod shuts down.
 PeerFailure = hvd.HorovodInternalError
@@ -23,18 +36,160 @@ PeerFailure = hvd.HorovodInternalError
 # needs no timeout: its peers' sockets close and they raise at once. Set the variables to override.
 STALL_TIMEOUTS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "60", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "300"}
 
+log = logging.getLogger("hvd_imagenet")
+
+
+class BFloat16Compressor(Compressor):
+    """Floating-point gradients cast to bfloat16 on the wire (fp32's range, 8 bits of mantissa), back after.
+    Horovod 0.28.1 cannot reduce bfloat16 on any path: its DataType enum has no bfloat16, so no Gloo, MPI or
+    NCCL operation takes it, and the PyTorch binding registers no BFloat16Tensor allreduce; allreduce_supported()
+    probes the build, and --compression bf16 stops at start-up on one that lacks it."""
+
+    @staticmethod
+    def compress(tensor):
+        return (tensor.to(torch.bfloat16) if tensor.dtype.is_floating_point else tensor), tensor.dtype
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor.to(ctx) if ctx.is_floating_point else tensor
+
+    @staticmethod
+    def allreduce_supported(device: torch.device) -> bool:
+        kind = "torch_cuda_BFloat16Tensor" if device.type == "cuda" else "torch_BFloat16Tensor"
+        return hasattr(mpi_lib, f"horovod_torch_allreduce_async_{kind}")
+
+
+@dataclass(frozen=True)
+class PowerSGDSettings:
+    """PowerSGD's knobs, with the defaults of PyTorch DDP's powerSGD_hook except the rank (ours: 2)."""
+
+    rank: int = 2  # r: each n x m gradient matrix is sent as P (n x r) and Q (m x r)
+    start_step: int = 1000  # plain allreduce for the first steps (DDP's start_powerSGD_iter)
+    min_compression_rate: float = 2.0  # compress a matrix only if n*m > rate * (n+m)*r (DDP's default)
+    seed: int = 0  # Q's random start, the same on every rank
+
+
+class PowerSGD:
+    """Low-rank gradient compression with error feedback and warm start (Vogels et al., NeurIPS 2019, Alg. 1
+    and 2), as PyTorch DDP's powerSGD_hook does it, with Horovod collectives.
+
+    Per step, for each gradient viewed as a matrix M (n x m; a conv weight (out, in, kh, kw) as out x
+    in*kh*kw), with this rank's error e from the last step added (error feedback):
+        P = M Q; P = allreduce-mean(P); P = orthogonalize(P); Q = M^T P; Q = allreduce-mean(Q); M' = P Q^T
+    and e = M - M' is kept on this rank. Q carries over to the next step (warm start), so one power iteration
+    per step tracks the top-r subspace. The P's of all matrices go in one allreduce, the Q's in another.
+    Tensors that would not shrink by min_compression_rate, and 1-D ones (BN gamma/beta, biases), are averaged
+    uncompressed in a third. Until start_step reductions have run, everything is averaged uncompressed.
+    Runs once per step after backprop (no overlap with it, unlike Horovod's hooks).
+    """
+
+    def __init__(self, shapes: list[torch.Size], settings: PowerSGDSettings, device: torch.device,
+                 predivide_factor: float = 1.0):
+        self.settings, self.device, self.predivide_factor = settings, device, predivide_factor
+        self.matrix_indices = [i for i, shape in enumerate(shapes) if self.compressible(shape)]
+        self.vector_indices = sorted(set(range(len(shapes))) - set(self.matrix_indices))
+        self.matrix_shapes = {i: (shapes[i][0], shapes[i].numel() // shapes[i][0]) for i in self.matrix_indices}
+        self.numels = [shape.numel() for shape in shapes]
+        self.errors: dict[int, torch.Tensor] = {}
+        generator = torch.Generator().manual_seed(settings.seed)  # the same Q on every rank
+        self.qs = {i: torch.randn(m, self.rank_of(i), generator=generator).to(device)
+                   for i, (n, m) in self.matrix_shapes.items()}
+        self.reductions = 0
+
+    def compressible(self, shape: torch.Size) -> bool:
+        if len(shape) < 2:
+            return False
+        n, m = shape[0], shape.numel() // shape[0]
+        r = min(n, m, self.settings.rank)
+        return n * m > self.settings.min_compression_rate * (n + m) * r
+
+    def rank_of(self, index: int) -> int:
+        n, m = self.matrix_shapes[index]
+        return min(n, m, self.settings.rank)
+
+    def wire_elements(self) -> int:
+        """Elements each rank puts into the allreduces of a compressed step: P's, Q's and the uncompressed."""
+        factors = sum((n + m) * self.rank_of(i) for i, (n, m) in self.matrix_shapes.items())
+        return factors + sum(self.numels[i] for i in self.vector_indices)
+
+    def reduce(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its compressed average over the ranks (in place)."""
+        self.reductions += 1
+        if self.reductions <= self.settings.start_step:
+            _average_flat(tensors, "powersgd.warmup", self.predivide_factor)
+            return
+        _average_flat([tensors[i] for i in self.vector_indices], "powersgd.vectors", self.predivide_factor)
+        matrices = {}
+        for i, (n, m) in self.matrix_shapes.items():
+            matrix = tensors[i].view(n, m)
+            if i in self.errors:
+                matrix.add_(self.errors[i])  # error feedback: what earlier steps failed to send
+            matrices[i] = matrix
+        ps = {i: matrices[i] @ self.qs[i] for i in matrices}
+        _average_flat(list(ps.values()), "powersgd.p", self.predivide_factor)
+        qs = {}
+        for i, p in ps.items():
+            ps[i] = torch.linalg.qr(p).Q  # orthonormal columns; the mean's scale goes into Q
+            qs[i] = (ps[i].T @ matrices[i]).T  # M^T P, computed as (P^T M)^T: ~8x faster on the CPU
+        _average_flat(list(qs.values()), "powersgd.q", self.predivide_factor)
+        # After the two allreduces a NaN/inf of any rank is in every rank's factors: then all ranks keep their
+        # error memory and Q (and the step is the trainer's to skip or stop on).
+        finite = bool(torch.stack([f.abs().amax() for f in (*ps.values(), *qs.values())]).isfinite().all())
+        for i, matrix in matrices.items():
+            error = matrix.clone() if finite else None
+            torch.mm(ps[i], qs[i].T, out=matrix)  # the gradient becomes P Q^T, the same on every rank
+            if finite:
+                self.errors[i] = error.sub_(matrix)  # what this rank's M lost in the approximation
+                self.qs[i] = qs[i]  # warm start
+
+
+def _average_flat(tensors: list[torch.Tensor], name: str, predivide_factor: float) -> None:
+    """Average tensors over the ranks in one allreduce of their concatenation, written back in place."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = hvd.allreduce(flat, name=name, op=hvd.Average,  # Horovod
+                         prescale_factor=1.0 / predivide_factor, postscale_factor=predivide_factor)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 COMPRESSORS = {
     "none": hvd.Compression.none,
     "fp16": hvd.Compression.fp16,  # gradients cast to float16 on the wire, back to their dtype after
+    "bf16": BFloat16Compressor,
+    "powersgd": PowerSGD,
 }
 
 
-def init() -> DistContext:
-    """Start Horovod, pick this rank's device and share the CPU fairly among the ranks of one machine."""
+def init(fusion_threshold_mb: float = 128, cycle_time_ms: float = 1.0, hierarchical_allreduce: bool = False
+         ) -> DistContext:
+    """Start Horovod with these knobs (docs/communication.md), pick this rank's device and share the CPU
+    fairly among the ranks of one machine."""
     for name, seconds in STALL_TIMEOUTS.items():
         os.environ.setdefault(name, seconds)
+    for name, value in knob_environment(fusion_threshold_mb, cycle_time_ms, hierarchical_allreduce).items():
+        if os.environ.get(name, value) != value:
+            log.warning("%s=%s from the environment is overridden by the flag: %s", name, os.environ[name], value)
+        os.environ[name] = value
     hvd.init()  # Horovod: rank, size and the controller (MPI or Gloo) come from the launcher
+    if hierarchical_allreduce and not hvd.nccl_built() and hvd.rank() == 0:
+        log.warning("--hierarchical-allreduce has no effect here: Horovod does it with NCCL only (GPU builds)")
     return context()
+
+
+def knob_environment(fusion_threshold_mb: float, cycle_time_ms: float, hierarchical_allreduce: bool) -> dict:
+    """Horovod reads its knobs from the environment at init (horovod/common/operations.cc)."""
+    return {
+        # Gradients ready within one cycle are packed into buffers of up to this many bytes, one allreduce each.
+        "HOROVOD_FUSION_THRESHOLD": str(int(fusion_threshold_mb * 2**20)),
+        # How often the background thread gathers ready tensors and negotiates their allreduce among ranks.
+        "HOROVOD_CYCLE_TIME": f"{cycle_time_ms:g}",
+        # NCCL within a node, then MPI between nodes on 1/local_size of the data, then NCCL allgather.
+        "HOROVOD_HIERARCHICAL_ALLREDUCE": "1" if hierarchical_allreduce else "0",
+    }
 
 
 def context() -> DistContext:
@@ -79,22 +234,65 @@ def controller() -> str:
 
 
 def distributed_optimizer(
-    optimizer: torch.optim.Optimizer, model: torch.nn.Module, compression: str, backward_passes_per_step: int
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, compression: str, backward_passes_per_step: int,
+    gradient_predivide_factor: float = 1.0, powersgd: PowerSGDSettings = PowerSGDSettings(),
 ) -> torch.optim.Optimizer:
     """Wrap the optimizer so step() applies gradients averaged over all ranks.
 
     backward_passes_per_step > 1 gives virtual workers: gradients of that many micro-batches accumulate
-    locally (each micro-batch with its own BN statistics, Sec. 2.3) before one allreduce.
+    locally (each micro-batch with its own BN statistics, Sec. 2.3) before one allreduce. A predivide factor
+    f divides the gradients by f before the sum and by size/f after (fp16 sums of many ranks overflow less).
     """
     if compression not in COMPRESSORS:
         raise ValueError(f"unknown compression {compression!r}; known: {', '.join(COMPRESSORS)}")
+    device = next(model.parameters()).device
+    if compression == "bf16" and not BFloat16Compressor.allreduce_supported(device):
+        raise UserError(f"--compression bf16: this Horovod build ({horovod.__version__}) cannot allreduce bfloat16 "
+                        f"tensors on {device.type} (no bfloat16 type in its Gloo, MPI or NCCL operations); use "
+                        "fp16, with --gradient-predivide-factor at large world sizes")
+    if compression == "powersgd":
+        shapes = [parameter.shape for parameter in model.parameters()]
+        reducer = PowerSGD(shapes, powersgd, device, gradient_predivide_factor)
+        cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_PowerSGDOptimizer.__dict__))
+        return cls(optimizer.param_groups, list(model.parameters()), reducer)
     return hvd.DistributedOptimizer(  # Horovod: allreduce-average of gradients, overlapped with backprop
         optimizer,
         named_parameters=model.named_parameters(),
         compression=COMPRESSORS[compression],
         backward_passes_per_step=backward_passes_per_step,
         op=hvd.Average,
+        gradient_predivide_factor=gradient_predivide_factor,
     )
+
+
+class _PowerSGDOptimizer(torch.optim.Optimizer):
+    """Horovod's DistributedOptimizer interface (synchronize, skip_synchronize, step) over PowerSGD. Built the
+    way Horovod builds its own: a subclass of the wrapped optimizer's class, made on the fly. Gradients of
+    several micro-batches simply accumulate until synchronize()."""
+
+    def __init__(self, param_groups, parameters: list[torch.nn.Parameter], reducer: PowerSGD):
+        super(self.__class__, self).__init__(param_groups)
+        self._ordered_parameters, self._reducer = parameters, reducer
+        self._synchronize_in_step = True
+
+    def synchronize(self) -> None:
+        for parameter in self._ordered_parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        self._reducer.reduce([parameter.grad for parameter in self._ordered_parameters])
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        self._synchronize_in_step = False
+        try:
+            yield
+        finally:
+            self._synchronize_in_step = True
+
+    def step(self, closure=None):
+        if self._synchronize_in_step:
+            self.synchronize()
+        return super(self.__class__, self).step(closure)
 
 
 def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, resumed: bool) -> None:
@@ -140,3 +338,13 @@ def broadcast_object(obj, name: str):
 
 def shutdown() -> None:
     hvd.shutdown()  # Horovod
+
+
+def barrier() -> None:
+    hvd.barrier()  # Horovod
+
+
+def allreduce_compressed(tensors: list[torch.Tensor], compression: str, name: str) -> list[torch.Tensor]:
+    """Average tensors over ranks with an element-wise compressor, as DistributedOptimizer sends gradients:
+    one grouped (fused) allreduce. For bench-allreduce."""
+    return hvd.grouped_allreduce(tensors, name=name, op=hvd.Average, compression=COMPRESSORS[compression])  # Horovod

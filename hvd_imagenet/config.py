@@ -14,7 +14,8 @@ from .schedule import LRPolicy
 
 LOADERS = ("dali", "torchvision", "synthetic")
 DALI_DEVICES = ("auto", "cpu", "gpu")
-COMPRESSIONS = ("none", "fp16")  # names of comm.COMPRESSORS; checked there too
+COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")  # names of comm.COMPRESSORS; checked there too
+PRECISIONS = {"fp32": None, "amp-fp16": "float16", "amp-bf16": "bfloat16"}  # --precision: autocast dtype
 
 
 def resnet_names() -> list[str]:
@@ -59,7 +60,23 @@ class TrainConfig:
     batches_per_allreduce: int = field(
         default=1, metadata=_help("virtual workers: micro-batches of n per rank per step, each with its own BN stats")
     )
-    compression: str = field(default="none", metadata=_help(f"gradient compression: {', '.join(COMPRESSIONS)}"))
+    compression: str = field(default="none", metadata=_help(
+        f"gradient compression on the wire: {', '.join(COMPRESSIONS)} (docs/communication.md)"))
+    powersgd_rank: int = field(default=2, metadata=_help("--compression powersgd: rank r of the factors P, Q"))
+    powersgd_start_step: int = field(default=1000, metadata=_help(
+        "--compression powersgd: steps of uncompressed allreduce first (PyTorch DDP's start_powerSGD_iter)"))
+    gradient_predivide_factor: float = field(default=1.0, metadata=_help(
+        "divide gradients by f before the sum and by ranks/f after: fp16 sums of many ranks overflow less"))
+    fusion_threshold_mb: float = field(default=128.0, metadata=_help(
+        "Horovod tensor fusion buffer, MiB (HOROVOD_FUSION_THRESHOLD; 0: no fusion)"))
+    cycle_time_ms: float = field(default=1.0, metadata=_help(
+        "Horovod background cycle: how often ready gradients are negotiated and sent (HOROVOD_CYCLE_TIME)"))
+    hierarchical_allreduce: bool = field(default=False, metadata=_help(
+        "NCCL within a node, MPI across nodes on 1/8 of the data each (HOROVOD_HIERARCHICAL_ALLREDUCE; GPU only)"))
+    precision: str = field(default="fp32", metadata=_help(
+        f"{', '.join(PRECISIONS)}: autocast for forward and loss; amp-fp16 adds loss scaling (GradScaler)"))
+    max_grad_norm: float = field(default=0.0, metadata=_help(
+        "clip the averaged gradients to this global L2 norm (0: no clipping; the paper does not clip)"))
     seed: int = field(default=0, metadata=_help("seed for init, shuffling and augmentation"))
     max_steps_per_epoch: int = field(default=0, metadata=_help("cap on optimizer steps per epoch (0: no cap)"))
     channels_last: bool = field(default=False, metadata=_help(
@@ -107,6 +124,20 @@ class TrainConfig:
             raise UserError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
         if self.compression not in COMPRESSIONS:
             raise UserError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {self.compression!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        for name in ("gradient_predivide_factor", "cycle_time_ms", "powersgd_rank"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
+        for name in ("fusion_threshold_mb", "max_grad_norm", "powersgd_start_step"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(self, name)}")
+        if self.compression == "powersgd" and self.precision == "amp-fp16":
+            raise UserError("--compression powersgd with --precision amp-fp16: PowerSGD's error memory would hold "
+                            "gradients in the loss scaler's changing units; use --precision amp-bf16 (no scaling)")
+        if self.compression == "powersgd" and self.elastic:
+            raise UserError("--compression powersgd with --elastic: PowerSGD's per-rank error memory and step "
+                            "count are not in Horovod's elastic state; a joining rank would disagree")
         if not 0 < self.min_crop_area <= 1:
             raise UserError(f"--min-crop-area must be in (0, 1], not {self.min_crop_area}")
         self.lr.check_fits(self.epochs)

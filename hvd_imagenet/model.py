@@ -83,3 +83,12 @@ def weights_digest(model: torch.nn.Module) -> float:
         values = tensor.detach().double()
         total += position * values.sum().item() + values.square().sum().item()
     return total
+
+
+def mixed_precision(precision: str, device: torch.device) -> torch.autocast:
+    """--precision as an autocast context for forward and loss: convolutions and matmuls in float16 or bfloat16,
+    BN and the loss in float32 (PyTorch's autocast lists); the weights and their gradients stay float32."""
+    from .config import PRECISIONS
+
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=getattr(torch, dtype) if dtype else None, enabled=dtype is not None)

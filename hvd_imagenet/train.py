@@ -29,7 +29,7 @@ from .data import Loaders, build_loaders
 from .data.layout import check_layout
 from .errors import Diverged, UserError
 from .metrics import EpochSums, RunWriter, format_table, read_metrics, summarize
-from .model import build_model, parameter_groups, weights_digest
+from .model import build_model, mixed_precision, parameter_groups, weights_digest
 from .schedule import lr_at, peak_lr
 
 log = logging.getLogger("hvd_imagenet")
@@ -53,7 +53,7 @@ def main(config: TrainConfig) -> None:
                         "--host-discovery-script SCRIPT (Horovod's elastic driver)")
 
     # 2. Horovod, signals, data (rank 0 alone logs).
-    ctx = comm.init()
+    ctx = comm.init(config.fusion_threshold_mb, config.cycle_time_ms, config.hierarchical_allreduce)
     stop = StopRequest()
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     world = World.join(config, ctx)
@@ -65,21 +65,26 @@ def main(config: TrainConfig) -> None:
         parameter_groups(model, config.weight_decay, config.bn_weight_decay),
         lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
     )
-    optimizer = comm.distributed_optimizer(optimizer, model, config.compression, config.batches_per_allreduce)
+    optimizer = comm.distributed_optimizer(
+        optimizer, model, config.compression, config.batches_per_allreduce, config.gradient_predivide_factor,
+        comm.PowerSGDSettings(rank=config.powersgd_rank, start_step=config.powersgd_start_step, seed=config.seed))
+    # Mixed precision (--precision): autocast in forward and loss; fp16's narrow range needs loss scaling.
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
 
     # 4. Start state: rank 0's checkpoint when resuming, then rank 0's weights everywhere; train.
     if config.elastic:
         # Always from the newest checkpoint, loaded by rank 0 alone: a worker that joins a running job runs
         # this too, and must not call a collective that the others are not in (Horovod gives it rank >= 1
         # and the state of rank 0 when it joins).
-        start = load_newest(config, checkpoints, model, optimizer, world) if world.ctx.is_primary else Progress()
-        trainer = Trainer(config, model, optimizer, world, checkpoints, output, stop, start.epoch)
+        start = (load_newest(config, checkpoints, model, optimizer, scaler, world) if world.ctx.is_primary
+                 else Progress())
+        trainer = Trainer(config, model, optimizer, scaler, world, checkpoints, output, stop, start.epoch)
         state = comm.elastic_state(model, optimizer, **dataclasses.asdict(start))
         state.register_reset_callbacks([trainer.rejoin])
         comm.run_elastic(trainer.train, state)  # Horovod: broadcasts rank 0's state first
     else:
-        start = resume(config, checkpoints, model, optimizer, world) if config.resume else Progress()
-        trainer = Trainer(config, model, optimizer, world, checkpoints, output, stop, start.epoch)
+        start = resume(config, checkpoints, model, optimizer, scaler, world) if config.resume else Progress()
+        trainer = Trainer(config, model, optimizer, scaler, world, checkpoints, output, stop, start.epoch)
         comm.broadcast_state(model, optimizer, resumed=start.epoch > 0 or start.images_done > 0)
         trainer.train(start)
     trainer.close()
@@ -130,9 +135,10 @@ class Trainer:
     """The epoch loop of one run. train(state) runs from `state` to the last epoch; under --elastic Horovod
     calls it again, from the last commit, after the set of ranks changed (rejoin)."""
 
-    def __init__(self, config: TrainConfig, model, optimizer, world: World, checkpoints: Path, output: Path,
-                 stop: "StopRequest", epochs_done: int):
-        self.config, self.model, self.optimizer, self.world = config, model, optimizer, world
+    def __init__(self, config: TrainConfig, model, optimizer, scaler, world: World, checkpoints: Path,
+                 output: Path, stop: "StopRequest", epochs_done: int):
+        self.config, self.model, self.optimizer, self.scaler, self.world = config, model, optimizer, scaler, world
+        self.autocast = mixed_precision(config.precision, world.ctx.device)
         self.checkpoints, self.output, self.stop = checkpoints, output, stop
         self.criterion = torch.nn.CrossEntropyLoss()
         self.writer = self.open_writer(epochs_done)
@@ -178,7 +184,8 @@ class Trainer:
 
     def save_checkpoint(self, state, step_in_epoch: int = 0) -> Path:
         return checkpoint.save(self.checkpoints, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": state.epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": state.epoch,
             "step": state.epoch * self.world.steps_per_epoch + step_in_epoch, "step_in_epoch": step_in_epoch,
             "images_done": state.images_done,
             "partial": {"sums": state.sums, "seconds": state.seconds, "skipped": state.skipped},
@@ -187,6 +194,8 @@ class Trainer:
 
     def train(self, state) -> None:
         config = self.config
+        if self.scaler.is_enabled():  # every rank scales its loss by rank 0's scale (a checkpoint's on resume)
+            self.scaler.load_state_dict(comm.broadcast_object(self.scaler.state_dict(), name="grad_scaler"))
         while state.epoch < config.epochs:
             w = self.world
             epoch = state.epoch
@@ -240,27 +249,32 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 defaults to it
-            bn_before = [b.clone() for b in bn_stats] if config.skip_nonfinite else None
+            bn_before = [b.clone() for b in bn_stats] if config.skip_nonfinite or self.scaler.is_enabled() else None
             step_sums = 0
             for _ in range(config.batches_per_allreduce):
                 images, target = next(micro_batches)
-                output = model(images)  # BN statistics over this micro-batch's n images only (Sec. 2.3)
-                loss = self.criterion(output, target)
+                with self.autocast:
+                    output = model(images)  # BN statistics over this micro-batch's n images only (Sec. 2.3)
+                    loss = self.criterion(output, target)
                 # Mean over n here, / batches_per_allreduce, averaged over the k ranks by Horovod: the loss
-                # normalized by the whole minibatch kn (Sec. 3, Remark 3).
-                (loss / config.batches_per_allreduce).backward()
-                step_sums = step_sums + EpochSums.of_batch(output, target, loss)
+                # normalized by the whole minibatch kn (Sec. 3, Remark 3). amp-fp16 scales it up first.
+                self.scaler.scale(loss / config.batches_per_allreduce).backward()
+                step_sums = step_sums + EpochSums.of_batch(output.float(), target, loss.float())
             optimizer.synchronize()  # Horovod: the gradients averaged over all ranks are in .grad now
-            if gradients_finite(model):  # the same answer on every rank: they hold the same averages
-                with optimizer.skip_synchronize():  # Horovod: already synchronized
-                    optimizer.step()
+            self.scaler.unscale_(optimizer)  # amp-fp16: true gradients again, before clipping and the step
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if self.apply_step():
                 sums.add(step_sums)
-            elif config.skip_nonfinite:  # as if the step had not been: weights and BN statistics as before
+            elif config.skip_nonfinite or self.scaler.is_enabled() and self.scaler.get_scale() >= 1:
+                # As if the step had not been: weights and BN statistics as before. With amp-fp16 this is
+                # GradScaler's overflow skip (it halved the scale); a scale below 1 means divergence.
                 for buffer, before in zip(bn_stats, bn_before):
                     buffer.copy_(before)
                 state.skipped += 1
-                log.warning("epoch %d step %d: NaN/inf in the averaged gradients; step skipped (%d so far)",
-                            epoch + 1, step + 1, state.skipped)
+                log.warning("epoch %d step %d: NaN/inf in the averaged gradients; step skipped (%d so far)%s",
+                            epoch + 1, step + 1, state.skipped,
+                            f", loss scale now {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "")
             else:
                 message = self.divergence_message(epoch, step)
                 if w.ctx.is_primary:
@@ -285,6 +299,20 @@ class Trainer:
             record(steps)
         return received
 
+    def apply_step(self) -> bool:
+        """The optimizer step with the averaged gradients if they are finite; whether it was taken. Every rank
+        reaches the same verdict: they hold the same averages."""
+        with self.optimizer.skip_synchronize():  # Horovod: already synchronized
+            if self.scaler.is_enabled():  # GradScaler steps unless unscale_ found NaN/inf, then halves the scale
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                return self.scaler.get_scale() >= scale
+            if not gradients_finite(self.model):
+                return False
+            self.optimizer.step()
+            return True
+
     def divergence_message(self, epoch: int, step: int) -> str:
         found = checkpoint.list_checkpoints(self.checkpoints)
         last_good = f"last good checkpoint {found[-1]}" if found else "no checkpoint written yet"
@@ -298,7 +326,7 @@ class Trainer:
         w, epoch = self.world, state.epoch
         train = summarize(state.sums)
         comm.average_bn_statistics(self.model)
-        val = evaluate(self.model, self.criterion, w.loaders.val, w.ctx.device)
+        val = evaluate(self.model, self.criterion, w.loaders.val, w.ctx.device, self.autocast)
         digests = comm.gather_digests(weights_digest(self.model))  # every rank must hold the same model
         if len(set(digests)) > 1:
             log.warning("epoch %d: ranks hold different weights (digests %s)", epoch + 1, digests)
@@ -365,13 +393,15 @@ def gradients_finite(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, criterion, batches, device: torch.device) -> dict:
+def evaluate(model, criterion, batches, device: torch.device, autocast) -> dict:
     """This rank's shard of val; the sums over all ranks count every val image exactly once."""
     model.eval()
     sums = EpochSums(device)
     for images, target in batches:
-        output = model(images)
-        sums.add(EpochSums.of_batch(output, target, criterion(output, target)))
+        with autocast:
+            output = model(images)
+            loss = criterion(output, target)
+        sums.add(EpochSums.of_batch(output.float(), target, loss.float()))
     return sums.reduce("val_sums")
 
 
@@ -384,12 +414,13 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     np.random.seed(state)
 
 
-def resume(config: TrainConfig, checkpoints: Path, model, optimizer, world: World) -> Progress:
+def resume(config: TrainConfig, checkpoints: Path, model, optimizer, scaler, world: World) -> Progress:
     """Rank 0 loads the latest checkpoint; every rank learns the progress to start from (or the error)."""
     outcome = {"progress": {}, "error": None}
     if world.ctx.is_primary:
         try:
-            outcome["progress"] = dataclasses.asdict(load_newest(config, checkpoints, model, optimizer, world))
+            outcome["progress"] = dataclasses.asdict(load_newest(config, checkpoints, model, optimizer, scaler,
+                                                                 world))
         except UserError as error:
             outcome["error"] = str(error)
     outcome = comm.broadcast_object(outcome, name="resume")  # Horovod: no rank hangs when rank 0 fails
@@ -398,8 +429,9 @@ def resume(config: TrainConfig, checkpoints: Path, model, optimizer, world: Worl
     return Progress(**outcome["progress"])
 
 
-def load_newest(config: TrainConfig, checkpoints: Path, model, optimizer, world: World) -> Progress:
-    """The newest checkpoint into model and optimizer (on this rank only), and the progress it records."""
+def load_newest(config: TrainConfig, checkpoints: Path, model, optimizer, scaler, world: World) -> Progress:
+    """The newest checkpoint into model, optimizer and loss scaler (on this rank only), and the progress it
+    records."""
     if not checkpoint.list_checkpoints(checkpoints):
         log.info("--resume: no checkpoint in %s yet, starting from epoch 1", checkpoints)
         return Progress()
@@ -407,6 +439,8 @@ def load_newest(config: TrainConfig, checkpoints: Path, model, optimizer, world:
     check_resize(config, state["config"], world, path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
     log.info("--resume: continuing from %s (%d epochs and %d steps done)", path, state["epoch"],
              state["step_in_epoch"])
     partial = state["partial"]

@@ -31,6 +31,13 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
   fi
 fi
 
+# ip and tc (iproute2) for the shaped links of bench-allreduce/bench-train --link (their test skips without).
+if { ! command -v ip >/dev/null || ! command -v tc >/dev/null; } && [ "$(id -u)" -eq 0 ]; then
+  echo "setup: installing iproute2 for --link (apt-get)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+fi
+
 [ -x "$py" ] || { echo "setup: creating $venv"; python3 -m venv "$venv"; }
 pip() { "$py" -m pip --disable-pip-version-check "$@"; }
 pip install --quiet --upgrade pip setuptools wheel

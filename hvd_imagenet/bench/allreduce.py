@@ -1,0 +1,115 @@
+"""`hvd-imagenet bench-allreduce`: the gradient allreduce alone, for each compressor, on the ranks it runs on.
+
+Payloads: `resnet50` (the 161 gradient tensors of ResNet-50, 25.6M floats, sent as DistributedOptimizer
+sends them: one fused allreduce) and flat float32 tensors of --sizes elements. Each (payload, compressor) is
+timed `repeats` times on rank 0 after a barrier, after `warmup` untimed runs; the table shows the median.
+  algbw = payload bytes (float32) / time; busbw = algbw x 2(p-1)/p, the bytes each rank's link carries in a
+  ring allreduce per second (nccl-tests' definitions); wire = bytes each rank puts into allreduces.
+PowerSGD compresses matrices, so it runs on the resnet50 payload only; its time includes the matrix products
+and orthogonalization, its wire bytes are the P and Q factors and the uncompressed 1-D tensors.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from .. import comm
+from ..context import DistContext
+
+PAYLOAD_MODEL = "resnet50"
+
+
+def payload_shapes(payload: str) -> list[torch.Size]:
+    if payload == PAYLOAD_MODEL:
+        import torchvision
+
+        with torch.device("meta"):  # shapes only, no memory
+            return [p.shape for p in torchvision.models.resnet50().parameters()]
+    return [torch.Size([int(float(payload))])]
+
+
+def wire_bytes(shapes: list[torch.Size], compression: str, reducer: comm.PowerSGD | None) -> int:
+    if reducer is not None:
+        return reducer.wire_elements() * 4
+    compressor = comm.COMPRESSORS[compression]
+    return sum(compressor.compress(torch.empty(shape, device="meta"))[0].element_size() * shape.numel()
+               for shape in shapes)
+
+
+def time_one(ctx: DistContext, shapes: list[torch.Size], compression: str, repeats: int, warmup: int,
+             powersgd_rank: int) -> dict:
+    generator = torch.Generator().manual_seed(ctx.rank)
+    tensors = [torch.randn(shape, generator=generator).to(ctx.device) for shape in shapes]
+    reducer = None
+    if compression == "powersgd":
+        reducer = comm.PowerSGD(shapes, comm.PowerSGDSettings(rank=powersgd_rank, start_step=0), ctx.device)
+    seconds = []
+    for repeat in range(warmup + repeats):
+        work = [t.clone() for t in tensors] if reducer else tensors  # PowerSGD reduces in place
+        comm.barrier()
+        start = time.perf_counter()
+        if reducer:
+            reducer.reduce(work)
+        else:
+            comm.allreduce_compressed(work, compression, name=f"bench.{compression}")
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        if repeat >= warmup:
+            seconds.append(time.perf_counter() - start)
+    payload_bytes = sum(shape.numel() for shape in shapes) * 4
+    median = statistics.median(seconds)
+    algbw = payload_bytes / median
+    return {"compression": compression, "seconds": median, "runs_seconds": seconds,
+            "payload_bytes": payload_bytes, "wire_bytes": wire_bytes(shapes, compression, reducer),
+            "algbw_gb_s": algbw / 1e9, "busbw_gb_s": algbw * 2 * (ctx.size - 1) / ctx.size / 1e9}
+
+
+def bench_allreduce(ctx: DistContext, payloads: list[str], compressions: list[str], repeats: int, warmup: int,
+                    powersgd_rank: int) -> dict:
+    from tqdm import tqdm
+
+    rows = []
+    cases = [(payload, c) for payload in payloads for c in compressions
+             if c != "powersgd" or payload == PAYLOAD_MODEL]
+    for payload, compression in tqdm(cases, desc="bench-allreduce", disable=not ctx.is_primary, leave=False):
+        shapes = payload_shapes(payload)
+        row = {"payload": payload, "elements": sum(s.numel() for s in shapes), "tensors": len(shapes)}
+        if compression == "bf16" and not comm.BFloat16Compressor.allreduce_supported(ctx.device):
+            row.update(compression=compression, error="Horovod 0.28.1 has no bfloat16 allreduce (Gloo, MPI, NCCL)")
+        else:
+            row.update(time_one(ctx, shapes, compression, repeats, warmup, powersgd_rank))
+        rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if r["payload"] == row["payload"] and r["compression"] == "none")
+        if "seconds" in row and "seconds" in base:
+            row["speedup_vs_none"] = base["seconds"] / row["seconds"]
+            row["wire_fraction_of_none"] = row["wire_bytes"] / base["wire_bytes"]
+    return {"benchmark": "bench-allreduce", "ranks": ctx.size, "controller": comm.controller(),
+            "device": device_name(ctx.device), "repeats": repeats, "warmup": warmup,
+            "powersgd_rank": powersgd_rank, "results": rows}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
+def format_report(report: dict) -> str:
+    link = report.get("link", {})
+    where = (f"lo shaped to {link['name']} (measured {link['measured_gbit_s']:.2f} Gbit/s)" if link.get("shaped")
+             else "loopback (memory is the link)")
+    lines = [f"bench-allreduce: {report['ranks']} ranks, {report['controller']}, {report['device']}, {where}, "
+             f"median of {report['repeats']}",
+             f"{'payload':<10} {'compression':<11} {'wire MB':>8} {'% of none':>9} {'time ms':>9} "
+             f"{'algbw GB/s':>10} {'busbw GB/s':>10} {'vs none':>8}"]
+    for r in report["results"]:
+        payload = "resnet50" if r["payload"] == PAYLOAD_MODEL else f"{r['elements'] / 1e6:g}M"
+        if "error" in r:
+            lines.append(f"{payload:<10} {r['compression']:<11} {'':>8} {'':>9} {'-':>9}   {r['error']}")
+            continue
+        lines.append(f"{payload:<10} {r['compression']:<11} {r['wire_bytes'] / 1e6:>8.2f} "
+                     f"{100 * r.get('wire_fraction_of_none', 1):>8.2f}% {1000 * r['seconds']:>9.1f} "
+                     f"{r['algbw_gb_s']:>10.3f} {r['busbw_gb_s']:>10.3f} {r.get('speedup_vs_none', 1):>7.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""`hvd-imagenet scaling-model`: step time, img/s, scaling efficiency and 90-epoch time at 1..32 nodes x 8 GPUs,
+predicted from one GPU's step time, the model's gradient size and the links (an alpha-beta model). Pure
+arithmetic, no Horovod: every number can be checked by hand (tests/test_scaling_model.py does one).
+
+Assumptions (each a flag):
+- A step is the single-GPU compute time t_c plus the part of the gradient allreduce that backprop does not
+  hide. Backprop is 2/3 of t_c, and Horovod's hooks start allreduces as gradients appear, so up to
+  overlap x (2/3) t_c of communication is hidden, and never more than overlap x the allreduce: the first
+  layers' gradients come last, and their share is always exposed (--overlap 0.8). PowerSGD as built here
+  starts after backprop: nothing of it is hidden.
+- Ring allreduce of S bytes over p GPUs: 2(p-1) alpha + 2(p-1)/p x S / B, with B the slowest link of the ring.
+  Flat ring over several nodes: B is one GPU's share of the node's NICs (8 x 200 Gb/s for 8 GPUs: 25 GB/s).
+- Hierarchical (--hierarchical-allreduce: NCCL within the node, then across nodes on S/8 per GPU, each GPU on
+  its own NIC): reduce-scatter and allgather over NVLink, (g-1) alpha_nvl + (g-1)/g S / B_nvl each, between
+  them a ring across N nodes of S/g bytes over one NIC.
+- fp16 halves S and adds two passes over the gradients in GPU memory (the casts). PowerSGD sends its factors
+  and the 1-D tensors in three allreduces (three latency terms) and costs ~6 small kernels per weight matrix
+  plus ~5 passes over the gradients (error feedback, the product P Q^T).
+Anchors: Goyal et al. (2017) report ~90 % scaling efficiency from 8 to 256 P100 GPUs (kn = 8k in 1 hour);
+Horovod's README reports 90 % scaling efficiency at 512 GPUs for ResNet-101 and Inception V3.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    step_time_ms: float = field(default=32 / 3000 * 1000, metadata=_help(
+        "one GPU's step time at n (forward, backward, optimizer; no communication). Default: n=32 at 3,000 "
+        "img/s, a goal for one H100 with AMP, not a measurement; give yours, or --from-bench"))
+    batch_size: int = field(default=32, metadata=_help("n, images per GPU per step (the paper's 32)"))
+    arch: str = field(default="resnet50", metadata=_help("model whose gradients are allreduced"))
+    gpus_per_node: int = field(default=8, metadata=_help("GPUs per node"))
+    nvlink_gb_s: float = field(default=450.0, metadata=_help(
+        "one GPU's NVLink bandwidth per direction, GB/s (H100 SXM: 900 GB/s both ways)"))
+    nvlink_latency_us: float = field(default=3.0, metadata=_help("alpha within a node, per ring step"))
+    nic_gbit_s: float = field(default=200.0, metadata=_help("one NIC, Gbit/s (InfiniBand NDR200)"))
+    nics_per_node: int = field(default=8, metadata=_help("NICs per node (one per GPU)"))
+    nic_latency_us: float = field(default=6.0, metadata=_help("alpha between nodes, per ring step"))
+    hbm_gb_s: float = field(default=3350.0, metadata=_help("GPU memory bandwidth, GB/s (H100 SXM: 3.35 TB/s)"))
+    kernel_us: float = field(default=5.0, metadata=_help("one small GPU kernel's cost (PowerSGD's per-matrix ops)"))
+    overlap: float = field(default=0.8, metadata=_help(
+        "fraction of backprop's time that can hide allreduce (Horovod's hooks; 0: none hidden)"))
+    powersgd_rank: int = field(default=2, metadata=_help("PowerSGD's rank r"))
+    epochs: int = field(default=90, metadata=_help("epochs for the time-to-train column"))
+
+
+@dataclass(frozen=True)
+class Gradients:
+    elements: int  # float32 gradient elements
+    matrices: int  # weight matrices PowerSGD compresses
+    powersgd_elements: int  # what PowerSGD sends: factors + uncompressed tensors
+
+    @classmethod
+    def of(cls, arch: str, rank: int) -> "Gradients":
+        import torch
+
+        from ..comm import PowerSGD, PowerSGDSettings
+        from ..model import build_model
+
+        with torch.device("meta"):  # shapes only
+            shapes = [p.shape for p in build_model(arch, 1000, True).parameters()]
+            powersgd = PowerSGD(shapes, PowerSGDSettings(rank=rank), torch.device("meta"))
+        return cls(sum(shape.numel() for shape in shapes), len(powersgd.matrix_indices), powersgd.wire_elements())
+
+
+def ring_seconds(size_bytes: float, ranks: int, bandwidth: float, latency: float, messages: int = 1) -> float:
+    """Ring allreduce: 2(p-1) steps of latency per message, 2(p-1)/p of the bytes over the slowest link."""
+    if ranks == 1:
+        return 0.0
+    return messages * 2 * (ranks - 1) * latency + 2 * (ranks - 1) / ranks * size_bytes / bandwidth
+
+
+def allreduce_seconds(c: Cluster, nodes: int, size_bytes: float, hierarchical: bool, messages: int = 1) -> float:
+    g = c.gpus_per_node
+    nvlink, nvlink_alpha = c.nvlink_gb_s * 1e9, c.nvlink_latency_us * 1e-6
+    nic = c.nic_gbit_s * 1e9 / 8 * c.nics_per_node / g  # one GPU's share of the node's NICs, bytes/s
+    nic_alpha = c.nic_latency_us * 1e-6
+    if nodes == 1:
+        return ring_seconds(size_bytes, g, nvlink, nvlink_alpha, messages)
+    if not hierarchical:
+        return ring_seconds(size_bytes, nodes * g, min(nvlink, nic), max(nvlink_alpha, nic_alpha), messages)
+    within = messages * (g - 1) * nvlink_alpha + (g - 1) / g * size_bytes / nvlink  # reduce-scatter (= allgather)
+    return 2 * within + ring_seconds(size_bytes / g, nodes, nic, nic_alpha, messages)
+
+
+def predict(c: Cluster, grads: Gradients, nodes: int, compression: str, hierarchical: bool) -> dict:
+    compute = c.step_time_ms / 1000
+    hideable = c.overlap * compute * 2 / 3
+    fp32_bytes = grads.elements * 4
+    if compression == "none":
+        comm = allreduce_seconds(c, nodes, fp32_bytes, hierarchical)
+        exposed, overhead = max(comm - hideable, (1 - c.overlap) * comm), 0.0
+    elif compression == "fp16":
+        comm = allreduce_seconds(c, nodes, fp32_bytes / 2, hierarchical)
+        overhead = 2 * (fp32_bytes + fp32_bytes / 2) / (c.hbm_gb_s * 1e9)  # cast down and up: read + write each
+        exposed = max(comm - hideable, (1 - c.overlap) * comm)
+    elif compression == "powersgd":
+        comm = allreduce_seconds(c, nodes, grads.powersgd_elements * 4, hierarchical, messages=3)
+        overhead = grads.matrices * 6 * c.kernel_us * 1e-6 + 5 * fp32_bytes / (c.hbm_gb_s * 1e9)
+        exposed = comm  # after backprop: nothing hidden
+    else:
+        raise ValueError(f"the model has no {compression!r}")
+    gpus = nodes * c.gpus_per_node
+    if gpus == 1:
+        exposed = overhead = 0.0
+    step = compute + overhead + exposed
+    images_per_sec = gpus * c.batch_size / step
+    return {"nodes": nodes, "gpus": gpus, "global_batch": gpus * c.batch_size, "compression": compression,
+            "allreduce": "hierarchical" if hierarchical else "ring", "allreduce_ms": 1000 * comm,
+            "exposed_ms": 1000 * exposed, "overhead_ms": 1000 * overhead, "step_ms": 1000 * step,
+            "images_per_sec": images_per_sec, "efficiency": compute / step,
+            "minutes_for_epochs": c.epochs * IMAGENET_TRAIN_IMAGES / images_per_sec / 60}
+
+
+def scaling_table(c: Cluster, node_counts: list[int], compressions: list[str]) -> dict:
+    grads = Gradients.of(c.arch, c.powersgd_rank)
+    rows = [predict(c, grads, nodes, compression, hierarchical)
+            for compression in compressions for hierarchical in (False, True) for nodes in node_counts]
+    return {"benchmark": "scaling-model", "cluster": c.__dict__, "gradient_elements": grads.elements,
+            "powersgd_matrices": grads.matrices, "powersgd_elements": grads.powersgd_elements, "rows": rows}
+
+
+def format_report(report: dict) -> str:
+    c = report["cluster"]
+    lines = [f"scaling-model: {c['arch']} ({report['gradient_elements'] / 1e6:.1f}M gradient floats), "
+             f"n={c['batch_size']}, 1-GPU step {c['step_time_ms']:.2f} ms; {c['gpus_per_node']} GPUs/node, NVLink "
+             f"{c['nvlink_gb_s']:g} GB/s, {c['nics_per_node']} x {c['nic_gbit_s']:g} Gb/s NICs/node; "
+             f"overlap {c['overlap']:g}",
+             f"{'compress':<9} {'allreduce':<12} {'nodes':>5} {'GPUs':>5} {'kn':>6} {'comm ms':>8} {'exposed':>8} "
+             f"{'step ms':>8} {'img/s':>9} {'effic.':>7} {str(c['epochs']) + '-ep min':>8}"]
+    for r in report["rows"]:
+        lines.append(f"{r['compression']:<9} {r['allreduce']:<12} {r['nodes']:>5} {r['gpus']:>5} "
+                     f"{r['global_batch']:>6} {r['allreduce_ms']:>8.2f} {r['exposed_ms']:>8.2f} {r['step_ms']:>8.2f} "
+                     f"{r['images_per_sec']:>9.0f} {100 * r['efficiency']:>6.1f}% {r['minutes_for_epochs']:>8.1f}")
+    lines.append("effic.: 1-GPU step time / step time (per-GPU throughput against one GPU without communication)")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple, list] = {}
+    for r in report["rows"]:
+        series.setdefault((r["compression"], r["allreduce"]), []).append((r["gpus"], 100 * r["efficiency"]))
+    for (compression, algorithm), points in series.items():
+        gpus, efficiency = zip(*points)
+        axes.plot(gpus, efficiency, marker="o", linestyle="-" if algorithm == "ring" else "--",
+                  label=f"{compression}, {algorithm}")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("GPUs")
+    axes.set_ylabel("scaling efficiency, %")
+    axes.axhline(90, color="grey", linewidth=0.8, linestyle=":")
+    axes.set_title(f"{report['cluster']['arch']}: predicted efficiency (grey: the paper's ~90 % at 256 GPUs)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
