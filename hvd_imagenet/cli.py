@@ -330,6 +330,17 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(f"study: wrote {', '.join(str(path) for path in written)}")
 
 
+def add_launch_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a bench command that starts its own ranks (bench/launch.py), and its output."""
+    from .bench.launch import LINKS
+
+    parser.add_argument("--controller", choices=("gloo", "mpi"), default="gloo", help="(as a command)")
+    parser.add_argument("--link", choices=LINKS, default="loopback",
+                        help="(as a command, root) run the ranks in a namespace whose lo is shaped to this rate")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)  # where rank 0 leaves its result for the driver
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import TrainConfig
     from .schedule import LRPolicy
@@ -394,7 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(run=cmd_bench_loader)
 
-    from .bench.launch import LINKS
     from .config import COMPRESSIONS
 
     launched = ("Run it as a command (it starts `horovodrun -np N` on this machine, inside a network namespace "
@@ -409,13 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="compressors, comma-separated (powersgd: resnet50 payload only)")
     bench_ar.add_argument("--repeats", type=int, default=10, help="timed runs; the table shows the median")
     bench_ar.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    bench_ar.add_argument("--powersgd-rank", type=int, default=2)
+    bench_ar.add_argument("--powersgd-rank", type=int, default=defaults["powersgd_rank"])
     bench_ar.add_argument("--np", type=int, default=2, help="ranks to start on this machine (as a command)")
-    bench_ar.add_argument("--controller", choices=("gloo", "mpi"), default="gloo", help="(as a command)")
-    bench_ar.add_argument("--link", choices=LINKS, default="loopback",
-                          help="(as a command, root) run the ranks in a namespace whose lo is shaped to this rate")
-    bench_ar.add_argument("--json", action="store_true")
-    bench_ar.add_argument("--result-file", help=argparse.SUPPRESS)
+    add_launch_flags(bench_ar)
     bench_ar.set_defaults(run=cmd_bench_allreduce)
 
     from .config import PRECISIONS
@@ -432,29 +438,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tr.add_argument("--compression", type=_comma_list(COMPRESSIONS), default=["none"],
                           help="Horovod: ours; DDP: PyTorch's fp16/bf16/PowerSGD comm hooks")
     bench_tr.add_argument("--arch", default="resnet50")
-    bench_tr.add_argument("--batch-size", type=int, default=32, help="n, per worker")
+    bench_tr.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="n, per worker")
     bench_tr.add_argument("--image-size", type=int, default=224)
     bench_tr.add_argument("--loader", choices=LOADERS, default="synthetic")
     bench_tr.add_argument("--data", default="", help="with --loader dali|torchvision")
     bench_tr.add_argument("--precision", choices=PRECISIONS, default="fp32")
     bench_tr.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
-    bench_tr.add_argument("--powersgd-rank", type=int, default=2)
+    bench_tr.add_argument("--powersgd-rank", type=int, default=defaults["powersgd_rank"])
     bench_tr.add_argument("--powersgd-start-step", type=int, default=0,
                           help="0: compressed from the first step (DDP's hook needs 2 plain steps: within --warmup)")
-    bench_tr.add_argument("--gradient-predivide-factor", type=float, default=1.0)
-    bench_tr.add_argument("--fusion-threshold-mb", type=float, default=128.0)
-    bench_tr.add_argument("--cycle-time-ms", type=float, default=1.0)
-    bench_tr.add_argument("--hierarchical-allreduce", action=argparse.BooleanOptionalAction, default=False)
+    bench_tr.add_argument("--gradient-predivide-factor", type=float, default=defaults["gradient_predivide_factor"])
+    bench_tr.add_argument("--fusion-threshold-mb", type=float, default=defaults["fusion_threshold_mb"])
+    bench_tr.add_argument("--cycle-time-ms", type=float, default=defaults["cycle_time_ms"])
+    bench_tr.add_argument("--hierarchical-allreduce", action=argparse.BooleanOptionalAction,
+                          default=defaults["hierarchical_allreduce"])
     bench_tr.add_argument("--steps", type=int, default=10, help="timed steps per run")
     bench_tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 2 for DDP's PowerSGD)")
     bench_tr.add_argument("--repeats", type=int, default=3, help="runs per case (as a command); medians shown")
     bench_tr.add_argument("--threads", type=int, default=0,
                           help="CPU threads per worker (0: cores / the largest --np, the same at every --np)")
-    bench_tr.add_argument("--controller", choices=("gloo", "mpi"), default="gloo", help="(as a command)")
-    bench_tr.add_argument("--link", choices=LINKS, default="loopback",
-                          help="(as a command, root) run the ranks in a namespace whose lo is shaped to this rate")
-    bench_tr.add_argument("--json", action="store_true")
-    bench_tr.add_argument("--result-file", help=argparse.SUPPRESS)
+    add_launch_flags(bench_tr)
     bench_tr.set_defaults(run=cmd_bench_train)
 
     from .bench.scaling import Cluster

@@ -34,6 +34,7 @@ PeerFailure = hvd.HorovodInternalError
 # STALL_CHECK seconds, and with STALL_SHUTDOWN > 0 (Horovod's default is 0: wait forever) ends the job. 300 s
 # is far above the longest legitimate wait here (rank 0 writing a ResNet-50 checkpoint). A rank that dies
 # needs no timeout: its peers' sockets close and they raise at once. Set the variables to override.
+HOROVOD_DEFAULTS = (128, 1.0, False)  # fusion MiB, cycle ms, hierarchical: horovod/common/operations.cc
 STALL_TIMEOUTS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "60", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "300"}
 
 log = logging.getLogger("hvd_imagenet")
@@ -164,13 +165,16 @@ COMPRESSORS = {
 }
 
 
-def init(fusion_threshold_mb: float = 128, cycle_time_ms: float = 1.0, hierarchical_allreduce: bool = False
-         ) -> DistContext:
+def init(fusion_threshold_mb: float = HOROVOD_DEFAULTS[0], cycle_time_ms: float = HOROVOD_DEFAULTS[1],
+         hierarchical_allreduce: bool = HOROVOD_DEFAULTS[2]) -> DistContext:
     """Start Horovod with these knobs (docs/communication.md), pick this rank's device and share the CPU
     fairly among the ranks of one machine."""
     for name, seconds in STALL_TIMEOUTS.items():
         os.environ.setdefault(name, seconds)
+    defaults = knob_environment(*HOROVOD_DEFAULTS)
     for name, value in knob_environment(fusion_threshold_mb, cycle_time_ms, hierarchical_allreduce).items():
+        if value == defaults[name]:
+            continue  # Horovod's own default (or what the launcher set): Horovod's autotuning stays free
         if os.environ.get(name, value) != value:
             log.warning("%s=%s from the environment is overridden by the flag: %s", name, os.environ[name], value)
         os.environ[name] = value

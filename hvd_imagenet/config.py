@@ -138,6 +138,11 @@ class TrainConfig:
         if self.compression == "powersgd" and self.elastic:
             raise UserError("--compression powersgd with --elastic: PowerSGD's per-rank error memory and step "
                             "count are not in Horovod's elastic state; a joining rank would disagree")
+        knobs = (self.fusion_threshold_mb, self.cycle_time_ms, self.hierarchical_allreduce)
+        if self.elastic and knobs != (128.0, 1.0, False):
+            raise UserError("--elastic with --fusion-threshold-mb/--cycle-time-ms/--hierarchical-allreduce other "
+                            "than Horovod's defaults: set explicitly, they crashed Horovod 0.28.1's elastic "
+                            "re-initialization in our tests (docs/communication.md)")
         if not 0 < self.min_crop_area <= 1:
             raise UserError(f"--min-crop-area must be in (0, 1], not {self.min_crop_area}")
         self.lr.check_fits(self.epochs)

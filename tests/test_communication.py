@@ -157,6 +157,8 @@ def test_knob_environment_and_refusals():
         TrainConfig(**base, precision="amp-fp16")
     with pytest.raises(UserError, match="elastic"):
         TrainConfig(**base, elastic=True)
+    with pytest.raises(UserError, match="elastic re-initialization"):
+        TrainConfig(output="x", loader="synthetic", elastic=True, cycle_time_ms=5)
     with pytest.raises(UserError, match="--precision"):
         TrainConfig(output="x", loader="synthetic", precision="fp8")
     with pytest.raises(UserError, match="--gradient-predivide-factor"):
