@@ -23,6 +23,7 @@ import torch
 from horovod.torch.compression import Compressor
 from horovod.torch.mpi_ops import mpi_lib
 
+from .config import HOROVOD_DEFAULTS
 from .context import DistContext
 from .errors import UserError
 
@@ -34,7 +35,6 @@ PeerFailure = hvd.HorovodInternalError
 # STALL_CHECK seconds, and with STALL_SHUTDOWN > 0 (Horovod's default is 0: wait forever) ends the job. 300 s
 # is far above the longest legitimate wait here (rank 0 writing a ResNet-50 checkpoint). A rank that dies
 # needs no timeout: its peers' sockets close and they raise at once. Set the variables to override.
-HOROVOD_DEFAULTS = (128, 1.0, False)  # fusion MiB, cycle ms, hierarchical: horovod/common/operations.cc
 STALL_TIMEOUTS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "60", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "300"}
 
 log = logging.getLogger("hvd_imagenet")

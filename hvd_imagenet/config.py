@@ -15,6 +15,8 @@ from .schedule import LRPolicy
 LOADERS = ("dali", "torchvision", "synthetic")
 DALI_DEVICES = ("auto", "cpu", "gpu")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")  # names of comm.COMPRESSORS; checked there too
+# Horovod 0.28.1's own knob defaults (horovod/common/operations.cc): fusion MiB, cycle ms, hierarchical allreduce
+HOROVOD_DEFAULTS = (128.0, 1.0, False)
 PRECISIONS = {"fp32": None, "amp-fp16": "float16", "amp-bf16": "bfloat16"}  # --precision: autocast dtype
 
 
@@ -67,11 +69,11 @@ class TrainConfig:
         "--compression powersgd: steps of uncompressed allreduce first (PyTorch DDP's start_powerSGD_iter)"))
     gradient_predivide_factor: float = field(default=1.0, metadata=_help(
         "divide gradients by f before the sum and by ranks/f after: fp16 sums of many ranks overflow less"))
-    fusion_threshold_mb: float = field(default=128.0, metadata=_help(
+    fusion_threshold_mb: float = field(default=HOROVOD_DEFAULTS[0], metadata=_help(
         "Horovod tensor fusion buffer, MiB (HOROVOD_FUSION_THRESHOLD; 0: no fusion)"))
-    cycle_time_ms: float = field(default=1.0, metadata=_help(
+    cycle_time_ms: float = field(default=HOROVOD_DEFAULTS[1], metadata=_help(
         "Horovod background cycle: how often ready gradients are negotiated and sent (HOROVOD_CYCLE_TIME)"))
-    hierarchical_allreduce: bool = field(default=False, metadata=_help(
+    hierarchical_allreduce: bool = field(default=HOROVOD_DEFAULTS[2], metadata=_help(
         "NCCL within a node, MPI across nodes on 1/8 of the data each (HOROVOD_HIERARCHICAL_ALLREDUCE; GPU only)"))
     precision: str = field(default="fp32", metadata=_help(
         f"{', '.join(PRECISIONS)}: autocast for forward and loss; amp-fp16 adds loss scaling (GradScaler)"))
@@ -139,7 +141,7 @@ class TrainConfig:
             raise UserError("--compression powersgd with --elastic: PowerSGD's per-rank error memory and step "
                             "count are not in Horovod's elastic state; a joining rank would disagree")
         knobs = (self.fusion_threshold_mb, self.cycle_time_ms, self.hierarchical_allreduce)
-        if self.elastic and knobs != (128.0, 1.0, False):
+        if self.elastic and knobs != HOROVOD_DEFAULTS:
             raise UserError("--elastic with --fusion-threshold-mb/--cycle-time-ms/--hierarchical-allreduce other "
                             "than Horovod's defaults: set explicitly, they crashed Horovod 0.28.1's elastic "
                             "re-initialization in our tests (docs/communication.md)")

@@ -23,12 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
-
+from ..config import _help
+from ..data.synthetic import IMAGENET_TRAIN_IMAGES
 
 @dataclass(frozen=True)
 class Cluster:
