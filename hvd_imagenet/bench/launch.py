@@ -136,7 +136,9 @@ def run_ranks(prefix: list[str], np: int, controller: str, module_args: list[str
         environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **env}
         done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
         if done.returncode != 0 or not result_file.exists():
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            ranks = [line for line in lines if "<stderr>" in line][-20:]  # the ranks' own errors, then the launcher's
+            tail = "\n".join(ranks + lines[-8:])
             raise UserError(f"{' '.join(command)} failed (exit {done.returncode}):\n{tail}")
         return json.loads(result_file.read_text())
 

@@ -135,7 +135,8 @@ def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, thre
                 timings[phase].append(seconds)
     if backend == "horovod":
         comm.shutdown()
-    else:
+    else:  # no rank closes its connections while another still uses them
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if not ctx.is_primary:
         return None
