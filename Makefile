@@ -14,14 +14,15 @@ $(VENV)/.setup-done: setup.py scripts/setup_env.sh scripts/build_horovod.sh scri
 # A small generated data set, then ResNet-50 trained with the paper's recipe by 2 Horovod workers (Gloo) on
 # the CPU, at 64 px, in about 6 minutes on 2 cores. The recipe at toy scale: eta = 0.025 for a reference minibatch of 16,
 # linear scaling to kn = 2 x 32 = 64 (lr 0.1), gradual warmup over epoch 1, x0.1 after epoch 3.
-# Per-epoch table at the end; the run lands in $(DEMO)/run.
+# Rank 0 prints a status line every 10 s (horovodrun's pipe is no terminal), the per-epoch table at the end;
+# the run lands in $(DEMO)/run.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/hvd-imagenet make-dataset --output $(DEMO)/data --classes 10 --train-per-class 100 --val-per-class 20
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/horovodrun -np 2 -H localhost:2 --gloo \
 	  hvd-imagenet train --data $(DEMO)/data --output $(DEMO)/run --arch resnet50 \
 	  --image-size 64 --val-resize 73 --epochs 4 --warmup-epochs 1 --lr-steps 3 --batch-size 32 \
-	  --base-lr 0.025 --ref-batch 16
+	  --base-lr 0.025 --ref-batch 16 --status-every 10
 
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests

@@ -1,10 +1,12 @@
-"""Checkpoints: written by rank 0 atomically (temp file, fsync, rename), read with weights_only=True.
+"""Checkpoints: one format (`Checkpoint`), written atomically (temp file, fsync, rename), read with
+weights_only=True, checked on resume (`check_resize`).
 
-A checkpoint holds the unwrapped model, the optimizer state, the number of finished epochs, the global step
-and the resolved config. Most are written at the end of an epoch (epoch-NNNN.pt); one written when a job is
-told to stop (SLURM's SIGUSR1 before the time limit, train.StopRequest) also holds how far into the next epoch
-it got (epoch-NNNN-step-SSSSSS.pt: NNNN epochs and SSSSSS steps done; `images_done` of the epoch's shuffle)
-and that partial epoch's metric sums.
+Most are written at the end of an epoch (epoch-NNNN.pt); one written when a job is told to stop (SLURM's
+SIGUSR1 before the time limit, train.StopRequest) also holds how far into the next epoch it got
+(epoch-NNNN-step-SSSSSS.pt: NNNN epochs and SSSSSS steps done; `images_done` of the epoch's shuffle) and that
+partial epoch's metric sums. Rank 0 writes the file. State that differs between ranks (PowerSGD's error
+memory) goes into one file per rank beside it (epoch-NNNN.rankRRRRR.pt), each written by its rank before rank
+0 writes the main file, so a main file means a complete checkpoint.
 RNG state is not stored: the data order and the augmentation are functions of (seed, epoch, position), so a
 resumed run reads exactly the images the uninterrupted one reads.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,26 +24,92 @@ from .errors import UserError
 _NAME = re.compile(r"^epoch-(\d{4})(?:-step-(\d{6}))?\.pt$")
 
 
-def save(directory: Path, state: dict, keep: int) -> Path:
-    """Write the checkpoint of state["epoch"] (+ state["step_in_epoch"]) so that a crash at any moment leaves
-    the previous one loadable, then delete all but the newest `keep` (0: keep all)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(".epoch-*.pt.tmp"):  # left by a writer killed mid-write
-        stale.unlink()
-    step = state["step_in_epoch"]
-    path = directory / (f"epoch-{state['epoch']:04d}" + (f"-step-{step:06d}" if step else "") + ".pt")
-    tmp = directory / f".{path.name}.tmp"
+@dataclass
+class Progress:
+    """How far training is: `epoch` epochs done and the first `images_done` images of the next epoch's
+    shuffle read, with that partial epoch's metric sums (all ranks'), seconds and skipped steps. An elastic
+    job keeps the same fields in Horovod's state, whose commit() saves a copy to roll back to; here there is
+    nothing to roll back to."""
+
+    epoch: int = 0
+    images_done: int = 0
+    sums: tuple[float, ...] | None = None
+    seconds: float = 0.0
+    skipped: int = 0
+
+    def commit(self) -> None:
+        pass
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds. On disk a dict with these keys (`progress` spread as epoch, images_done and
+    partial), so other tools read it with a plain torch.load."""
+
+    progress: Progress
+    step: int  # optimizer steps done in the whole run
+    step_in_epoch: int  # of them, in the partial epoch (0 at an epoch's end)
+    model: dict  # the unwrapped model's state_dict
+    optimizer: dict
+    scaler: dict  # GradScaler's (amp-fp16), else {}
+    config: dict  # the resolved config of the run that wrote it (train.Trainer.resolved_config)
+    compressor: dict = field(default_factory=dict)  # {"name": "powersgd", "ranks": k}: per-rank files beside it
+
+    def to_state(self) -> dict:
+        p = self.progress
+        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, "epoch": p.epoch,
+                "step": self.step, "step_in_epoch": self.step_in_epoch, "images_done": p.images_done,
+                "partial": {"sums": p.sums, "seconds": p.seconds, "skipped": p.skipped}, "config": self.config,
+                "compressor": self.compressor}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Checkpoint":
+        partial = state["partial"] or {"sums": None, "seconds": 0.0, "skipped": 0}
+        progress = Progress(state["epoch"], state["images_done"], partial["sums"] and tuple(partial["sums"]),
+                            partial["seconds"], partial["skipped"])
+        return cls(progress, state["step"], state["step_in_epoch"], state["model"], state["optimizer"],
+                   state.get("scaler") or {}, state["config"], state.get("compressor") or {})
+
+
+REQUIRED_KEYS = {"model", "optimizer", "epoch", "step", "step_in_epoch", "images_done", "config"}
+
+
+def path_for(directory: Path, epoch: int, step_in_epoch: int) -> Path:
+    return directory / (f"epoch-{epoch:04d}" + (f"-step-{step_in_epoch:06d}" if step_in_epoch else "") + ".pt")
+
+
+def rank_file(path: Path, rank: int) -> Path:
+    """Where one rank's own state of the checkpoint `path` goes."""
+    return path.with_name(f"{path.stem}.rank{rank:05d}.pt")
+
+
+def write_atomic(path: Path, state: dict) -> None:
+    """A crash at any moment leaves either the old file or the new one, never a partial one under `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save(directory: Path, state: dict, keep: int) -> Path:
+    """Write the checkpoint of state["epoch"] (+ state["step_in_epoch"]) so that a crash at any moment leaves
+    the previous one loadable, then delete all but the newest `keep` (0: keep all), rank files included."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".epoch-*.pt.tmp"):  # left by a writer killed mid-write
+        stale.unlink()
+    path = path_for(directory, state["epoch"], state["step_in_epoch"])
+    write_atomic(path, state)
     for old in list_checkpoints(directory)[:-keep] if keep else ():
+        for rank_state in directory.glob(f"{old.stem}.rank*.pt"):
+            rank_state.unlink()
         old.unlink()
     return path
 
@@ -59,17 +128,33 @@ def load_latest(directory: Path) -> tuple[Path, dict]:
     if not found:
         raise UserError(f"--resume: no checkpoint in {directory}")
     path = found[-1]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated, corrupt or foreign file: torch raises several kinds
-        reason = load_failure(error)
-        previous = f"; move it away to resume from {found[-2].name}" if len(found) > 1 else ""
-        raise UserError(f"--resume: cannot load {path} ({reason}){previous}") from None
-    missing = {"model", "optimizer", "epoch", "step", "step_in_epoch", "images_done", "config"} - set(state)
+    state = _load(path, f"; move it away to resume from {found[-2].name}" if len(found) > 1 else "")
+    missing = REQUIRED_KEYS - set(state)
     if missing:
         raise UserError(f"--resume: {path} is not a checkpoint of this version of hvd-imagenet "
                         f"(missing {', '.join(sorted(missing))})")
     return path, state
+
+
+def load(directory: Path) -> tuple[Path, Checkpoint]:
+    path, state = load_latest(directory)
+    return path, Checkpoint.from_state(state)
+
+
+def load_rank_file(path: Path, rank: int) -> dict:
+    """This rank's own state of checkpoint `path` (every rank reads its own)."""
+    own = rank_file(path, rank)
+    if not own.exists():
+        raise UserError(f"--resume: {own} is missing: {path} was written with per-rank state (PowerSGD's error "
+                        "memory) and each rank's file must sit beside it")
+    return _load(own, "")
+
+
+def _load(path: Path, advice: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated, corrupt or foreign file: torch raises several kinds
+        raise UserError(f"--resume: cannot load {path} ({load_failure(error)}){advice}") from None
 
 
 def load_failure(error: Exception) -> str:
@@ -80,3 +165,20 @@ def load_failure(error: Exception) -> str:
                  if line.strip() and not line.startswith(("Please file", "Check the documentation"))]
         return f"torch.load(weights_only=True) refused it, running none of its code: {lines[0] if lines else text}"
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_resize(path: Path, saved: dict, now: dict, allow_resize: bool, log) -> bool:
+    """Resuming on another number of ranks or global batch changes the recipe: say how, and go on only if
+    asked. `saved` and `now` are resolved configs (world_size, global_batch, peak_lr, steps_per_epoch,
+    batch_size). Whether the world changed."""
+    if (saved["world_size"], saved["global_batch"]) == (now["world_size"], now["global_batch"]):
+        return False
+    change = (f"{path} was written by {saved['world_size']} ranks at global batch kn={saved['global_batch']} "
+              f"(peak lr {saved['peak_lr']:.4g}, {saved['steps_per_epoch']} steps/epoch); this run has "
+              f"{now['world_size']} ranks and kn={now['global_batch']}, so by the linear scaling rule (Sec. 2.1) "
+              f"its peak lr is {now['peak_lr']:.4g}, and an epoch is {now['steps_per_epoch']} steps (BN "
+              f"statistics stay per worker, over n={now['batch_size']})")
+    if not allow_resize:
+        raise UserError(f"--resume: {change}; pass --allow-resize to continue on this world size")
+    log.warning("--allow-resize: %s", change)
+    return True

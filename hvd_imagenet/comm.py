@@ -4,11 +4,11 @@ Communication follows the paper (Sec. 4): each layer's gradient is allreduced as
 it (Horovod's hooks), averaged over all workers, which is the paper's normalization of the summed
 per-worker loss by kn (Sec. 3, Remark 3).
 
-Gradient compression (`--compression`, COMPRESSORS): none, fp16 and bf16 are element-wise Horovod Compressors
-inside DistributedOptimizer; powersgd (Vogels et al. 2019) replaces the allreduce of each weight matrix by
-two small allreduces of its low-rank factors (PowerSGD below). To add an element-wise compressor, write one
-subclass of Horovod's `Compressor` (compress(tensor) -> (tensor, ctx); decompress(tensor, ctx) -> tensor) and
-add it to COMPRESSORS; config.COMPRESSIONS lists the names for --help. docs/communication.md says more.
+Gradient compression (`--compression`, one entry each in compression.COMPRESSIONS): none, fp16 and bf16 are
+element-wise Horovod Compressors inside DistributedOptimizer; powersgd (Vogels et al. 2019) replaces the
+allreduce of each weight matrix by two small allreduces of its low-rank factors (PowerSGD below). To add an
+element-wise compressor, write one subclass of Horovod's `Compressor` (compress(tensor) -> (tensor, ctx);
+decompress(tensor, ctx) -> tensor) here and add its entry to compression.COMPRESSIONS.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch
 from horovod.torch.compression import Compressor
 from horovod.torch.mpi_ops import mpi_lib
 
+from .compression import COMPRESSIONS
 from .config import HOROVOD_DEFAULTS
 from .context import DistContext
 from .errors import UserError
@@ -97,6 +98,15 @@ class PowerSGD:
                    for i, (n, m) in self.matrix_shapes.items()}
         self.reductions = 0
 
+    def state_dict(self) -> dict:
+        """This rank's state: the error memory differs between ranks; Q and the count are the same on all."""
+        return {"reductions": self.reductions, "qs": dict(self.qs), "errors": dict(self.errors)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reductions = state["reductions"]
+        self.qs = {i: q.to(self.device) for i, q in state["qs"].items()}
+        self.errors = {i: e.to(self.device) for i, e in state["errors"].items()}
+
     def compressible(self, shape: torch.Size) -> bool:
         if len(shape) < 2:
             return False
@@ -157,12 +167,8 @@ def _average_flat(tensors: list[torch.Tensor], name: str, predivide_factor: floa
         offset += t.numel()
 
 
-COMPRESSORS = {
-    "none": hvd.Compression.none,
-    "fp16": hvd.Compression.fp16,  # gradients cast to float16 on the wire, back to their dtype after
-    "bf16": BFloat16Compressor,
-    "powersgd": PowerSGD,
-}
+# What sends the gradients for each --compression: a Horovod Compressor class, or PowerSGD (its own reducer).
+COMPRESSORS = {name: entry.horovod_object() for name, entry in COMPRESSIONS.items()}
 
 
 def init(fusion_threshold_mb: float = HOROVOD_DEFAULTS[0], cycle_time_ms: float = HOROVOD_DEFAULTS[1],
@@ -254,7 +260,7 @@ def distributed_optimizer(
         raise UserError(f"--compression bf16: this Horovod build ({horovod.__version__}) cannot allreduce bfloat16 "
                         f"tensors on {device.type} (no bfloat16 type in its Gloo, MPI or NCCL operations); use "
                         "fp16, with --gradient-predivide-factor at large world sizes")
-    if compression == "powersgd":
+    if COMPRESSORS[compression] is PowerSGD:  # a reducer of its own, not an element-wise Compressor
         shapes = [parameter.shape for parameter in model.parameters()]
         reducer = PowerSGD(shapes, powersgd, device, gradient_predivide_factor)
         cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_PowerSGDOptimizer.__dict__))
@@ -304,11 +310,26 @@ def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, re
 
     A fresh SGD has no state and is identical on every rank, so its state is broadcast only on resume:
     Horovod's broadcast_optimizer_state fills an empty state with one step on zero gradients, which with
-    weight decay would shrink the weights and seed the momentum.
+    weight decay would shrink the weights and seed the momentum. That step runs on the ranks whose state is
+    empty (not rank 0, which loaded it) and calls step() of any optimizer class not from Horovod's own module,
+    ours included: skip_synchronize() keeps it from posting an allreduce that rank 0 never joins (PowerSGD's
+    resume hang).
     """
     if resumed:
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)  # Horovod: momentum buffers from rank 0
+        with optimizer.skip_synchronize():
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)  # Horovod: momentum buffers from rank 0
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # Horovod: weights and BN running stats
+
+
+def compressor_state(optimizer: torch.optim.Optimizer) -> dict | None:
+    """PowerSGD's state on this rank (error memory, Q, reductions done) for a checkpoint; None for the
+    element-wise compressors, which keep none."""
+    reducer = getattr(optimizer, "_reducer", None)
+    return reducer.state_dict() if reducer is not None else None
+
+
+def load_compressor_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    optimizer._reducer.load_state_dict(state)
 
 
 def average_bn_statistics(model: torch.nn.Module) -> None:

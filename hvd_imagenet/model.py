@@ -10,6 +10,12 @@ from torchvision.models.resnet import BasicBlock
 SMALL_IMAGE_RESNETS = {"cifar_resnet8": 1, "cifar_resnet14": 2, "cifar_resnet20": 3}
 
 
+def resnet_names() -> list[str]:
+    """Every ResNet constructor torchvision ships (resnet18..152, resnext*, wide_resnet*), and the small-image
+    ResNets below: --arch's choices."""
+    return sorted([name for name in torchvision.models.resnet.__all__ if name[0].islower()] + [*SMALL_IMAGE_RESNETS])
+
+
 def build_model(arch: str, num_classes: int, zero_init_residual: bool) -> torch.nn.Module:
     """A freshly initialized ResNet: a torchvision one by name, or a small-image one (SMALL_IMAGE_RESNETS).
 
@@ -83,12 +89,3 @@ def weights_digest(model: torch.nn.Module) -> float:
         values = tensor.detach().double()
         total += position * values.sum().item() + values.square().sum().item()
     return total
-
-
-def mixed_precision(precision: str, device: torch.device) -> torch.autocast:
-    """--precision as an autocast context for forward and loss: convolutions and matmuls in float16 or bfloat16,
-    BN and the loss in float32 (PyTorch's autocast lists); the weights and their gradients stay float32."""
-    from .config import PRECISIONS
-
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=getattr(torch, dtype) if dtype else None, enabled=dtype is not None)

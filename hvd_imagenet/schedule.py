@@ -1,6 +1,6 @@
 """The learning-rate schedule of Goyal et al. (2017) as pure functions of the global iteration.
 
-No torch and no Horovod here: the trainer, `hvd-imagenet schedule` and the tests call the same `lr_at`.
+No torch and no Horovod here: the trainer, `hvd-imagenet schedule` (below) and the tests call the same `lr_at`.
 
     peak lr      = base_lr * kn / ref_batch        linear scaling rule (Sec. 2.1)
                  = base_lr * sqrt(kn / ref_batch)  the sqrt rule the paper compares against (Table 2a)
@@ -12,9 +12,12 @@ No torch and no Horovod here: the trainer, `hvd-imagenet schedule` and the tests
 from __future__ import annotations
 
 import math
+import csv
+import sys
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .flags import Command, check, opt
 
 SCALING_RULES = ("linear", "sqrt", "none")
 WARMUP_KINDS = ("gradual", "constant", "none")
@@ -24,29 +27,18 @@ WARMUP_KINDS = ("gradual", "constant", "none")
 class LRPolicy:
     """The lr flags, with the paper's values as defaults (Sec. 2.1, 2.2, 5.1)."""
 
-    base_lr: float = field(default=0.1, metadata={"help": "eta for a minibatch of --ref-batch (Sec. 2.1: 0.1)"})
-    ref_batch: int = field(default=256, metadata={"help": "the minibatch --base-lr is meant for (kn=256)"})
-    lr_scaling: str = field(default="linear", metadata={"help": "peak lr rule: linear (Sec. 2.1), sqrt, none"})
-    warmup: str = field(default="gradual", metadata={"help": "gradual (Sec. 2.2), constant or none"})
-    warmup_epochs: float = field(default=5.0, metadata={"help": "warmup length in epochs (Sec. 2.2: 5)"})
-    lr_steps: tuple[int, ...] = field(default=(30, 60, 80), metadata={"help": "epochs where lr x --lr-decay"})
-    lr_decay: float = field(default=0.1, metadata={"help": "factor at each of --lr-steps (Sec. 5.1: 0.1)"})
+    base_lr: float = opt("eta for a minibatch of --ref-batch (Sec. 2.1: 0.1)", 0.1, above=0)
+    ref_batch: int = opt("the minibatch --base-lr is meant for (kn=256)", 256, min=1)
+    lr_scaling: str = opt("peak lr rule: linear (Sec. 2.1), sqrt, none", "linear", choices=SCALING_RULES)
+    warmup: str = opt("gradual (Sec. 2.2), constant or none", "gradual", choices=WARMUP_KINDS)
+    warmup_epochs: float = opt("warmup length in epochs (Sec. 2.2: 5)", 5.0, min=0)
+    lr_steps: tuple[int, ...] = opt("epochs where lr x --lr-decay", (30, 60, 80))
+    lr_decay: float = opt("factor at each of --lr-steps (Sec. 5.1: 0.1)", 0.1, above=0, max=1)
 
     def __post_init__(self):
-        if self.lr_scaling not in SCALING_RULES:
-            raise UserError(f"--lr-scaling must be one of {', '.join(SCALING_RULES)}, not {self.lr_scaling!r}")
-        if self.warmup not in WARMUP_KINDS:
-            raise UserError(f"--warmup must be one of {', '.join(WARMUP_KINDS)}, not {self.warmup!r}")
-        if not self.base_lr > 0:
-            raise UserError(f"--base-lr must be > 0, not {self.base_lr}")
-        if self.ref_batch < 1:
-            raise UserError(f"--ref-batch must be >= 1, not {self.ref_batch}")
-        if self.warmup_epochs < 0:
-            raise UserError(f"--warmup-epochs must be >= 0, not {self.warmup_epochs}")
-        if not 0 < self.lr_decay <= 1:
-            raise UserError(f"--lr-decay must be in (0, 1], not {self.lr_decay}")
         if list(self.lr_steps) != sorted(set(self.lr_steps)) or any(s <= 0 for s in self.lr_steps):
             raise UserError(f"--lr-steps must be increasing positive epochs, not {','.join(map(str, self.lr_steps))}")
+        check(self)
 
     def check_fits(self, epochs: int) -> None:
         """Warmup must end within the run."""
@@ -82,3 +74,31 @@ def lr_at(policy: LRPolicy, iteration: int, iters_per_epoch: int, global_batch: 
     epoch = iteration // iters_per_epoch
     decays = sum(1 for step in policy.lr_steps if epoch >= step)
     return peak * policy.lr_decay**decays
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """`hvd-imagenet schedule`: the lr of every iteration of a run as CSV."""
+
+    world_size: int = opt("number of workers k", min=1)
+    iters_per_epoch: int = opt("optimizer steps per epoch", min=1)
+    batch_size: int = opt("images per worker n", 32, min=1)
+    batches_per_allreduce: int = opt("virtual workers per rank", 1, min=1)
+    epochs: int = opt("epochs", 90, min=1)
+    lr: LRPolicy = field(default_factory=LRPolicy)
+
+    def __post_init__(self):
+        check(self)
+        self.lr.check_fits(self.epochs)
+
+
+def run(options: ScheduleOptions) -> None:
+    global_batch = options.world_size * options.batches_per_allreduce * options.batch_size
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(["iteration", "epoch", "lr"])
+    for iteration in range(options.epochs * options.iters_per_epoch):
+        out.writerow([iteration, f"{iteration / options.iters_per_epoch:.6f}",
+                      f"{lr_at(options.lr, iteration, options.iters_per_epoch, global_batch):.8g}"])
+
+
+COMMAND = Command(ScheduleOptions, run)

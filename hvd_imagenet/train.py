@@ -1,7 +1,8 @@
 """`hvd-imagenet train`: ResNet on ImageNet with the recipe of Goyal et al. (2017), on every Horovod rank.
 
 Read top to bottom: check the inputs, start Horovod, build data, model and optimizer, resume or broadcast the
-start state, then per epoch: train (lr from schedule.lr_at every step), evaluate, write metrics and a checkpoint.
+start state, then per epoch: train (one step.TrainStep per iteration, lr from schedule.lr_at), evaluate, write
+metrics and a checkpoint.
 A SIGUSR1 or SIGTERM (SLURM's warning before the time limit, scancel) stops every rank at the same step with a
 checkpoint there; `--resume` continues from it as if nothing had happened. Averaged gradients that are NaN or
 inf stop the run (or skip the step, --skip-nonfinite). With --elastic, ranks may leave or join mid-epoch.
@@ -15,25 +16,29 @@ import random
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import checkpoint, comm
+from .checkpoint import Checkpoint, Progress
 from .config import TrainConfig
 from .context import DistContext
-from .data import Loaders, build_loaders
+from .data import LOADERS, Loaders, build_loaders
 from .data.layout import check_layout
 from .errors import Diverged, UserError
+from .flags import Command
 from .metrics import EpochSums, RunWriter, format_table, read_metrics, summarize
-from .model import build_model, mixed_precision, parameter_groups, weights_digest
+from .model import build_model, parameter_groups, weights_digest
+from .precision import autocast
+from .progress import EpochProgress
 from .schedule import lr_at, peak_lr
+from .step import TrainStep
 
 log = logging.getLogger("hvd_imagenet")
-PROGRESS_EVERY = 10  # steps between progress-bar updates on rank 0 (each reads the loss: a host sync)
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request (one 1-element allreduce)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STOPPED_FILE = "stopped.json"  # written by rank 0 when a signal stopped the run; launchers requeue on it
@@ -41,7 +46,7 @@ STOPPED_FILE = "stopped.json"  # written by rank 0 when a signal stopped the run
 
 def main(config: TrainConfig) -> None:
     # 1. Inputs first: every rank fails the same way, at once, before any rank spends time.
-    if config.loader != "synthetic":
+    if LOADERS[config.loader].reads_files:
         check_layout(Path(config.data))
     output = Path(config.output)
     checkpoints = Path(config.checkpoint_dir or output / "checkpoints")
@@ -58,26 +63,16 @@ def main(config: TrainConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     world = World.join(config, ctx)
 
-    # 3. Model and optimizer: zero-init residual gamma, no weight decay on BN/bias (Sec. 5.1), Nesterov SGD.
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, world.loaders.num_classes, config.zero_init_residual).to(ctx.device)
-    optimizer = torch.optim.SGD(  # lr 0 until the schedule sets it at the first step
-        parameter_groups(model, config.weight_decay, config.bn_weight_decay),
-        lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
-    )
-    optimizer = comm.distributed_optimizer(
-        optimizer, model, config.compression, config.batches_per_allreduce, config.gradient_predivide_factor,
-        comm.PowerSGDSettings(rank=config.powersgd_rank, start_step=config.powersgd_start_step, seed=config.seed))
-    # Mixed precision (--precision): autocast in forward and loss; fp16's narrow range needs loss scaling.
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
+    # 3. Model, optimizer and loss scaler.
+    model, optimizer, scaler = build_training(config, world.loaders.num_classes, ctx.device)
 
     # 4. Start state: rank 0's checkpoint when resuming, then rank 0's weights everywhere; train.
     if config.elastic:
         # Always from the newest checkpoint, loaded by rank 0 alone: a worker that joins a running job runs
         # this too, and must not call a collective that the others are not in (Horovod gives it rank >= 1
         # and the state of rank 0 when it joins).
-        start = (load_newest(config, checkpoints, model, optimizer, scaler, world) if world.ctx.is_primary
-                 else Progress())
+        saved = load_newest(config, checkpoints, model, optimizer, scaler, world)[1] if ctx.is_primary else None
+        start = saved.progress if saved else Progress()
         trainer = Trainer(config, model, optimizer, scaler, world, checkpoints, output, stop, start.epoch)
         state = comm.elastic_state(model, optimizer, **dataclasses.asdict(start))
         state.register_reset_callbacks([trainer.rejoin])
@@ -91,21 +86,20 @@ def main(config: TrainConfig) -> None:
     comm.shutdown()
 
 
-@dataclass
-class Progress:
-    """How far training is: `epoch` epochs done and the first `images_done` images of the next epoch's
-    shuffle read, with that partial epoch's metric sums (all ranks'), seconds and skipped steps. Written
-    into a checkpoint when a signal stops the run. An elastic job keeps the same fields in Horovod's state,
-    whose commit() saves a copy to roll back to; here there is nothing to roll back to."""
-
-    epoch: int = 0
-    images_done: int = 0
-    sums: tuple[float, ...] | None = None
-    seconds: float = 0.0
-    skipped: int = 0
-
-    def commit(self) -> None:
-        pass
+def build_training(config: TrainConfig, num_classes: int, device: torch.device):
+    """The model (zero-init residual gamma), Nesterov SGD without weight decay on BN/bias (Sec. 5.1) wrapped
+    by Horovod for --compression, and the loss scaler (amp-fp16: fp16's narrow range needs it)."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, num_classes, config.zero_init_residual).to(device)
+    optimizer = torch.optim.SGD(  # lr 0 until the schedule sets it at the first step
+        parameter_groups(model, config.weight_decay, config.bn_weight_decay),
+        lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
+    )
+    optimizer = comm.distributed_optimizer(
+        optimizer, model, config.compression, config.batches_per_allreduce, config.gradient_predivide_factor,
+        comm.PowerSGDSettings(rank=config.powersgd_rank, start_step=config.powersgd_start_step, seed=config.seed))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "amp-fp16")
+    return model, optimizer, scaler
 
 
 @dataclass(frozen=True)
@@ -130,6 +124,11 @@ class World:
         logging.getLogger().setLevel(logging.INFO if ctx.is_primary else logging.WARNING)
         return cls(ctx, loaders, global_batch, steps)
 
+    def summary(self, config: TrainConfig) -> dict:
+        """What the world size changes in the recipe (the resolved config's part that a resize checks)."""
+        return {"world_size": self.ctx.size, "global_batch": self.global_batch, "batch_size": config.batch_size,
+                "peak_lr": peak_lr(config.lr, self.global_batch), "steps_per_epoch": self.steps_per_epoch}
+
 
 class Trainer:
     """The epoch loop of one run. train(state) runs from `state` to the last epoch; under --elastic Horovod
@@ -138,18 +137,17 @@ class Trainer:
     def __init__(self, config: TrainConfig, model, optimizer, scaler, world: World, checkpoints: Path,
                  output: Path, stop: "StopRequest", epochs_done: int):
         self.config, self.model, self.optimizer, self.scaler, self.world = config, model, optimizer, scaler, world
-        self.autocast = mixed_precision(config.precision, world.ctx.device)
+        self.autocast = autocast(config.precision, world.ctx.device)
+        self.step = TrainStep(model, optimizer, scaler, self.autocast, config.batches_per_allreduce,
+                              config.max_grad_norm, restore_bn=config.skip_nonfinite or scaler.is_enabled())
         self.checkpoints, self.output, self.stop = checkpoints, output, stop
-        self.criterion = torch.nn.CrossEntropyLoss()
         self.writer = self.open_writer(epochs_done)
         self.describe()
 
     def resolved_config(self) -> dict:
         w = self.world
-        return {**self.config.to_dict(), "world_size": w.ctx.size, "controller": comm.controller(),
-                "global_batch": w.global_batch, "peak_lr": peak_lr(self.config.lr, w.global_batch),
-                "steps_per_epoch": w.steps_per_epoch, "num_classes": w.loaders.num_classes,
-                "device": str(w.ctx.device), "input": w.loaders.description}
+        return {**self.config.to_dict(), **w.summary(self.config), "controller": comm.controller(),
+                "num_classes": w.loaders.num_classes, "device": str(w.ctx.device), "input": w.loaders.description}
 
     def open_writer(self, epochs_done: int) -> RunWriter | None:
         if not self.world.ctx.is_primary:
@@ -183,14 +181,22 @@ class Trainer:
             self.writer.close()
 
     def save_checkpoint(self, state, step_in_epoch: int = 0) -> Path:
-        return checkpoint.save(self.checkpoints, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": state.epoch,
-            "step": state.epoch * self.world.steps_per_epoch + step_in_epoch, "step_in_epoch": step_in_epoch,
-            "images_done": state.images_done,
-            "partial": {"sums": state.sums, "seconds": state.seconds, "skipped": state.skipped},
-            "config": self.resolved_config(),
-        }, keep=self.config.keep_checkpoints)
+        """Every rank calls it: each writes its own compressor state (PowerSGD's error memory) if it has one,
+        then rank 0 the checkpoint. The path of the checkpoint."""
+        path = checkpoint.path_for(self.checkpoints, state.epoch, step_in_epoch)
+        rank_state = comm.compressor_state(self.optimizer)
+        if rank_state is not None:
+            checkpoint.write_atomic(checkpoint.rank_file(path, self.world.ctx.rank), rank_state)
+            comm.barrier()  # Horovod: every rank's file is complete before rank 0 writes the main one
+        if self.world.ctx.is_primary:
+            progress = Progress(state.epoch, state.images_done, state.sums, state.seconds, state.skipped)
+            checkpoint.save(self.checkpoints, Checkpoint(
+                progress, state.epoch * self.world.steps_per_epoch + step_in_epoch, step_in_epoch,
+                self.model.state_dict(), self.optimizer.state_dict(), self.scaler.state_dict(),
+                self.resolved_config(),
+                {"name": self.config.compression, "ranks": self.world.ctx.size} if rank_state is not None else {},
+            ).to_state(), keep=self.config.keep_checkpoints)
+        return path
 
     def train(self, state) -> None:
         config = self.config
@@ -210,7 +216,7 @@ class Trainer:
                 # The ranks' BN running statistics differ within an epoch; their mean is what the epoch's end
                 # would average, and the running average is linear, so resuming from it changes only rounding.
                 comm.average_bn_statistics(self.model)
-                path = self.save_checkpoint(state, state.images_done // w.global_batch) if w.ctx.is_primary else None
+                path = self.save_checkpoint(state, state.images_done // w.global_batch)
                 self.report_stop(received, state, path)
                 return
             path = self.finish_epoch(state)
@@ -226,16 +232,14 @@ class Trainer:
     def train_one_epoch(self, state, first_step: int) -> str | None:
         """Steps first_step .. steps_per_epoch - 1 of epoch state.epoch, or up to the step where the ranks
         agree that a signal asks them to stop (its name is returned). `state` follows along."""
-        config, w, model, optimizer = self.config, self.world, self.model, self.optimizer
-        model.train()
+        config, w = self.config, self.world
+        self.model.train()
         epoch, steps = state.epoch, w.steps_per_epoch
         sums = EpochSums(w.ctx.device, state.sums)
         micro_batches = iter(w.loaders.train)
-        progress = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-                        disable=not w.ctx.is_primary, file=sys.stdout, dynamic_ncols=True, leave=False,
-                        mininterval=0.5 if sys.stdout.isatty() else 30)  # a launcher's pipe: fewer redraws
+        progress = EpochProgress(w.ctx.is_primary, epoch, config.epochs, first_step, steps, w.global_batch,
+                                 config.status_every)
         start_time, seconds_before = time.perf_counter(), state.seconds
-        bn_stats = running_stats(model)
 
         def record(step_done: int) -> None:  # the state as of `step_done` steps of this epoch
             state.images_done = step_done * w.global_batch
@@ -246,46 +250,12 @@ class Trainer:
         for step in range(first_step, steps):
             # Gradual warmup, then the step schedule, as a function of the global iteration (Sec. 2.2).
             lr = lr_at(config.lr, epoch * steps + step, steps, w.global_batch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 defaults to it
-            bn_before = [b.clone() for b in bn_stats] if config.skip_nonfinite or self.scaler.is_enabled() else None
-            step_sums = 0
-            for _ in range(config.batches_per_allreduce):
-                images, target = next(micro_batches)
-                with self.autocast:
-                    output = model(images)  # BN statistics over this micro-batch's n images only (Sec. 2.3)
-                    loss = self.criterion(output, target)
-                # Mean over n here, / batches_per_allreduce, averaged over the k ranks by Horovod: the loss
-                # normalized by the whole minibatch kn (Sec. 3, Remark 3). amp-fp16 scales it up first.
-                self.scaler.scale(loss / config.batches_per_allreduce).backward()
-                step_sums = step_sums + EpochSums.of_batch(output.float(), target, loss.float())
-            optimizer.synchronize()  # Horovod: the gradients averaged over all ranks are in .grad now
-            self.scaler.unscale_(optimizer)  # amp-fp16: true gradients again, before clipping and the step
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            if self.apply_step():
-                sums.add(step_sums)
-            elif config.skip_nonfinite or self.scaler.is_enabled() and self.scaler.get_scale() >= 1:
-                # As if the step had not been: weights and BN statistics as before. With amp-fp16 this is
-                # GradScaler's overflow skip (it halved the scale); a scale below 1 means divergence.
-                for buffer, before in zip(bn_stats, bn_before):
-                    buffer.copy_(before)
-                state.skipped += 1
-                log.warning("epoch %d step %d: NaN/inf in the averaged gradients; step skipped (%d so far)%s",
-                            epoch + 1, step + 1, state.skipped,
-                            f", loss scale now {self.scaler.get_scale():g}" if self.scaler.is_enabled() else "")
+            result = self.step(micro_batches, lr)
+            if result.applied:
+                sums.add(result.sums)
             else:
-                message = self.divergence_message(epoch, step)
-                if w.ctx.is_primary:
-                    record = {"epoch": epoch + 1, "step": step + 1, "message": message}
-                    (self.output / Diverged.RECORD_FILE).write_text(json.dumps(record) + "\n")
-                raise Diverged(message)
-            progress.update()
-            if w.ctx.is_primary and (step % PROGRESS_EVERY == 0 or step == steps - 1):
-                elapsed = time.perf_counter() - start_time
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}",  # host sync, rank 0 only
-                                     img_s=f"{(step + 1 - first_step) * w.global_batch / elapsed:.1f}")
+                self.skip_or_stop(state, step)
+            progress.update(step, result.loss, lr)
             if config.elastic and (step + 1) % config.elastic_commit_steps == 0 and step + 1 < steps:
                 record(step + 1)
                 state.commit()  # Horovod: a copy to roll back to; raises here when hosts were added/removed
@@ -299,19 +269,22 @@ class Trainer:
             record(steps)
         return received
 
-    def apply_step(self) -> bool:
-        """The optimizer step with the averaged gradients if they are finite; whether it was taken. Every rank
-        reaches the same verdict: they hold the same averages."""
-        with self.optimizer.skip_synchronize():  # Horovod: already synchronized
-            if self.scaler.is_enabled():  # GradScaler steps unless unscale_ found NaN/inf, then halves the scale
-                scale = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                return self.scaler.get_scale() >= scale
-            if not gradients_finite(self.model):
-                return False
-            self.optimizer.step()
-            return True
+    def skip_or_stop(self, state, step: int) -> None:
+        """A step whose averaged gradients held NaN/inf was not applied: count it and go on (--skip-nonfinite,
+        or GradScaler's overflow skip under amp-fp16, which halved the scale), or stop the run: Diverged.
+        A loss scale below 1 means divergence too."""
+        scaling = self.scaler.is_enabled()
+        scale = self.scaler.get_scale() if scaling else None  # host sync, on a skipped step only
+        if self.config.skip_nonfinite or scaling and scale >= 1:
+            state.skipped += 1
+            log.warning("epoch %d step %d: NaN/inf in the averaged gradients; step skipped (%d so far)%s",
+                        state.epoch + 1, step + 1, state.skipped, f", loss scale now {scale:g}" if scaling else "")
+            return
+        message = self.divergence_message(state.epoch, step)
+        if self.world.ctx.is_primary:
+            record = {"epoch": state.epoch + 1, "step": step + 1, "message": message}
+            (self.output / Diverged.RECORD_FILE).write_text(json.dumps(record) + "\n")
+        raise Diverged(message)
 
     def divergence_message(self, epoch: int, step: int) -> str:
         found = checkpoint.list_checkpoints(self.checkpoints)
@@ -326,13 +299,17 @@ class Trainer:
         w, epoch = self.world, state.epoch
         train = summarize(state.sums)
         comm.average_bn_statistics(self.model)
-        val = evaluate(self.model, self.criterion, w.loaders.val, w.ctx.device, self.autocast)
+        val = evaluate(self.model, self.step.criterion, w.loaders.val, w.ctx.device, self.autocast)
         digests = comm.gather_digests(weights_digest(self.model))  # every rank must hold the same model
         if len(set(digests)) > 1:
             log.warning("epoch %d: ranks hold different weights (digests %s)", epoch + 1, digests)
-        if not self.writer:
-            return None
-        steps = w.steps_per_epoch
+        if self.writer:
+            self.write_epoch(state, train, val, digests)
+        return self.save_checkpoint(Progress(epoch=epoch + 1))
+
+    def write_epoch(self, state, train: dict, val: dict, digests: list[float]) -> None:
+        """Rank 0: the epoch's line of metrics.jsonl (and TensorBoard), and one log line."""
+        w, epoch, steps = self.world, state.epoch, self.world.steps_per_epoch
         self.writer.epoch({
             "epoch": epoch + 1, "lr": lr_at(self.config.lr, (epoch + 1) * steps - 1, steps, w.global_batch),
             "train_loss": train["loss"], "train_top1": train["top1"], "train_images": train["images"],
@@ -344,7 +321,6 @@ class Trainer:
         log.info("epoch %d/%d: train loss %.4f top1 %.2f%% | val loss %.4f top1 %.2f%% top5 %.2f%% | %.1f s",
                  epoch + 1, self.config.epochs, train["loss"], train["top1"], val["loss"], val["top1"],
                  val["top5"], state.seconds)
-        return self.save_checkpoint(Progress(epoch=epoch + 1))
 
     def report_stop(self, received: str, state, path: Path | None) -> None:
         """Rank 0 says where the run stopped and writes stopped.json (what the sbatch script requeues on)."""
@@ -379,19 +355,6 @@ class StopRequest:
         return signal.Signals(number).name if number else None
 
 
-def running_stats(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The BN buffers that a forward pass in train mode updates, whatever becomes of the step."""
-    return [buffer for name, buffer in model.named_buffers()
-            if name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-
-
-def gradients_finite(model: torch.nn.Module) -> bool:
-    """Whether every gradient entry is finite. After the allreduce a NaN or inf from any rank's loss is in
-    every rank's averaged gradients, so all ranks reach the same verdict without another collective."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return bool(torch.stack([g.abs().amax() for g in grads]).isfinite().all())  # host sync, as GradScaler's
-
-
 @torch.no_grad()
 def evaluate(model, criterion, batches, device: torch.device, autocast) -> dict:
     """This rank's shard of val; the sums over all ranks count every val image exactly once."""
@@ -415,48 +378,76 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def resume(config: TrainConfig, checkpoints: Path, model, optimizer, scaler, world: World) -> Progress:
-    """Rank 0 loads the latest checkpoint; every rank learns the progress to start from (or the error)."""
-    outcome = {"progress": {}, "error": None}
+    """Rank 0 loads the latest checkpoint; every rank learns the progress to start from (or the error), then
+    loads its own compressor state if the checkpoint has one."""
+    outcome = {"progress": None, "path": None, "compressor": {}, "error": None}
     if world.ctx.is_primary:
         try:
-            outcome["progress"] = dataclasses.asdict(load_newest(config, checkpoints, model, optimizer, scaler,
-                                                                 world))
+            path, saved = load_newest(config, checkpoints, model, optimizer, scaler, world)
+            if saved:
+                outcome.update(progress=dataclasses.asdict(saved.progress), path=str(path),
+                               compressor=saved.compressor)
         except UserError as error:
             outcome["error"] = str(error)
     outcome = comm.broadcast_object(outcome, name="resume")  # Horovod: no rank hangs when rank 0 fails
     if outcome["error"]:
         raise UserError(outcome["error"])
-    return Progress(**outcome["progress"])
+    if outcome["compressor"] and comm.compressor_state(optimizer) is not None:
+        restore_compressor(optimizer, Path(outcome["path"]), outcome["compressor"], world.ctx)
+    return Progress(**outcome["progress"]) if outcome["progress"] else Progress()
 
 
-def load_newest(config: TrainConfig, checkpoints: Path, model, optimizer, scaler, world: World) -> Progress:
-    """The newest checkpoint into model, optimizer and loss scaler (on this rank only), and the progress it
-    records."""
+def load_newest(config: TrainConfig, checkpoints: Path, model, optimizer, scaler,
+                world: World) -> tuple[Path | None, Checkpoint | None]:
+    """The newest checkpoint into model, optimizer and loss scaler (on this rank only); (None, None) if there
+    is none yet."""
     if not checkpoint.list_checkpoints(checkpoints):
         log.info("--resume: no checkpoint in %s yet, starting from epoch 1", checkpoints)
-        return Progress()
-    path, state = checkpoint.load_latest(checkpoints)
-    check_resize(config, state["config"], world, path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    log.info("--resume: continuing from %s (%d epochs and %d steps done)", path, state["epoch"],
-             state["step_in_epoch"])
-    partial = state["partial"]
-    return Progress(state["epoch"], state["images_done"], partial["sums"] and tuple(partial["sums"]),
-                    partial["seconds"], partial["skipped"])
+        return None, None
+    path, saved = checkpoint.load(checkpoints)
+    checkpoint.check_resize(path, saved.config, world.summary(config), config.allow_resize, log)
+    model.load_state_dict(saved.model)
+    optimizer.load_state_dict(saved.optimizer)
+    if saved.scaler and scaler.is_enabled():
+        scaler.load_state_dict(saved.scaler)
+    log.info("--resume: continuing from %s (%d epochs and %d steps done)", path, saved.progress.epoch,
+             saved.step_in_epoch)
+    return path, saved
 
 
-def check_resize(config: TrainConfig, saved: dict, world: World, path: Path) -> None:
-    """Resuming on another number of ranks or global batch changes the recipe: say how; go on only if asked."""
-    if (saved["world_size"], saved["global_batch"]) == (world.ctx.size, world.global_batch):
+def restore_compressor(optimizer, path: Path, saved: dict, ctx: DistContext) -> None:
+    """This rank's PowerSGD state (error memory, Q) from its file beside the checkpoint. After a resize the
+    ranks' error memories do not map to the new ranks: they start empty, as at the first step."""
+    if saved["ranks"] != ctx.size:
+        if ctx.is_primary:
+            log.warning("--allow-resize: PowerSGD's error memory was kept by %d ranks; on %d it starts empty",
+                        saved["ranks"], ctx.size)
         return
-    change = (f"{path} was written by {saved['world_size']} ranks at global batch kn={saved['global_batch']} "
-              f"(peak lr {saved['peak_lr']:.4g}, {saved['steps_per_epoch']} steps/epoch); this run has "
-              f"{world.ctx.size} ranks and kn={world.global_batch}, so by the linear scaling rule (Sec. 2.1) its "
-              f"peak lr is {peak_lr(config.lr, world.global_batch):.4g}, and an epoch is {world.steps_per_epoch} "
-              f"steps (BN statistics stay per worker, over n={config.batch_size})")
-    if not config.allow_resize:
-        raise UserError(f"--resume: {change}; pass --allow-resize to continue on this world size")
-    log.warning("--allow-resize: %s", change)
+    comm.load_compressor_state(optimizer, checkpoint.load_rank_file(path, ctx.rank))
+
+
+def command(config: TrainConfig) -> int:
+    """Every rank runs this. An error is one line that names the rank; the launcher (horovodrun, mpirun,
+    srun) sees the non-zero status and ends the job. The ranks that survive a failed peer say so in one line
+    each, not a traceback each from hundreds of ranks."""
+    try:
+        main(config)
+    except comm.PeerFailure:
+        raise UserError(f"rank {comm.rank_if_started()}: stopped: another rank failed and Horovod shut down; the "
+                        "launcher's log names the rank that failed first") from None
+    except Diverged as error:  # every rank stops at the same step; rank 0 says so for all
+        if comm.rank_if_started() == 0:
+            print(f"hvd-imagenet train: {error}", file=sys.stderr)
+        return Diverged.EXIT_STATUS
+    except UserError as error:
+        rank = comm.rank_if_started()
+        raise UserError(f"rank {rank}: {error}" if rank is not None else str(error)) from None
+    except Exception:  # a bug or a fault we did not foresee: the whole traceback, with the rank on every line
+        rank = comm.rank_if_started()
+        for line in traceback.format_exc().splitlines():
+            print(f"rank {rank}: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMAND = Command(TrainConfig, command)

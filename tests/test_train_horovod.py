@@ -120,3 +120,28 @@ def test_run_local_script(tiny_data, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "run_local: 2 workers, horovodrun --gloo" in result.stdout
     check_run(output, epochs=1, global_batch=8, val_images=20)
+
+
+def test_powersgd_resume_equals_uninterrupted(tiny_data, tmp_path):
+    """--compression powersgd from step 0, stopped after epoch 1 and resumed: every rank's error memory and Q
+    come back from its own file beside the checkpoint, so epoch 2 equals the uninterrupted run's, bit for bit.
+    (Before, the resume hung: Horovod's broadcast_optimizer_state stepped the PowerSGD optimizer on rank 1
+    only, which posted an allreduce rank 0 never joined.)"""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train = ["--data", tiny_data, "--loader", "torchvision", "--compression", "powersgd", "--powersgd-start-step",
+             "0", *TINY_TRAIN]
+    run_horovod("--output", whole, "--epochs", "2", *train)
+    run_horovod("--output", split, "--epochs", "1", *train)
+    saved = sorted(p.name for p in (split / "checkpoints").iterdir())
+    assert saved == ["epoch-0001.pt", "epoch-0001.rank00000.pt", "epoch-0001.rank00001.pt"]
+    errors = [torch.load(split / "checkpoints" / f"epoch-0001.rank0000{r}.pt", weights_only=True)["errors"]
+              for r in (0, 1)]
+    assert errors[0] and any(not torch.equal(errors[0][i], errors[1][i]) for i in errors[0])  # per rank
+    result = run_horovod("--output", split, "--epochs", "2", "--resume", *train, timeout=240)
+    assert "continuing from" in result.stdout
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "weights_digests"):
+        assert a[1][key] == b[1][key], key
+    wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)

@@ -10,7 +10,9 @@ ratios between compressors hold, the absolute times are pessimistic.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -22,10 +24,49 @@ import threading
 import time
 from pathlib import Path
 
+from .. import flags
 from ..errors import UserError
+from ..flags import opt
 
 LINKS = {"loopback": None, "10gbit": 10e9, "1gbit": 1e9}  # --link: bits per second of the shaped lo
+AS_COMMAND_OR_RANK = ("Run it as a command (it starts `horovodrun -np N` on this machine, inside a network namespace "
+                      "with a shaped lo for --link), or as every rank under a launcher (horovodrun, mpirun, srun).")
 LAUNCHER_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    """The flags of a bench command that starts its own ranks, and its output."""
+
+    controller: str = opt("(as a command) Horovod's controller for the ranks it starts", "gloo",
+                          choices=("gloo", "mpi"))
+    link: str = opt("(as a command, root) run the ranks in a namespace whose lo is shaped to this rate", "loopback",
+                    choices=tuple(LINKS))
+    json: bool = opt("the report as JSON", False)
+    result_file: str = opt(argparse.SUPPRESS, "")  # where rank 0 leaves its result for the driver that started it
+
+    def __post_init__(self):
+        flags.check(self)
+
+
+def forward(command: str, options) -> list[str]:
+    """The argv that makes each started rank run `options` (a bench command's, without its launch flags)."""
+    return [command, *flags.to_argv(dataclasses.replace(options, launch=LaunchOptions()))]
+
+
+def emit(report: dict, launch: LaunchOptions, format_report) -> None:
+    """Rank 0's result: to --result-file for the driver that launched the ranks, else the table or JSON."""
+    report = {**report, "command": "hvd-imagenet " + " ".join(sys.argv[1:])}
+    if launch.result_file:
+        Path(launch.result_file).write_text(json.dumps(report))
+    else:
+        print(json.dumps(report, indent=1) if launch.json else format_report(report))
+
+
+def link_record(name: str, prefix: list[str]) -> dict:
+    """What the ranks' link was: its name, whether shaped, and the TCP rate measured through it."""
+    measured = measure_link(prefix) if prefix else None
+    return {"name": name, "shaped": bool(prefix), "measured_gbit_s": measured and measured / 1e9}
 
 
 def under_launcher() -> bool:

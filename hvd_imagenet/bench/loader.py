@@ -9,9 +9,11 @@ process tree. The ratio divides every loader's img/s by the last one's.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import resource
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ import torch
 
 from ..context import DistContext
 from ..config import TrainConfig
-from ..data import build_loaders
+from ..data import DALI_DEVICES, FILE_LOADERS, build_loaders
 from ..data.layout import check_layout
+from ..flags import Command, check, opt
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -132,41 +135,68 @@ def measure(config: TrainConfig, ctx: DistContext, epochs: int) -> Measurement:
     return Measurement(config.loader, description, images, seconds, cpu, memory.peak / 2**20)
 
 
-def bench_loaders(data: Path, loaders: list[str], batch_size: int, epochs: int, threads: int, repeats: int,
-                  image_size: int, dali_device: str, dali_prefetch: int) -> dict:
+@dataclass(frozen=True)
+class LoaderBenchOptions:
+    data: str = opt("DIR/train/<class>/* (the train split is read)")
+    loader: tuple[str, ...] = opt("loaders to compare; the last is the baseline of the ratio", FILE_LOADERS,
+                                  choices=FILE_LOADERS)
+    batch_size: int = opt("images per batch", 32, min=1)
+    image_size: int = opt("training crop, px", 224, min=1)
+    epochs: int = opt("timed epochs per repeat, after one untimed", 2, min=1)
+    repeats: int = opt("the table shows the median over repeats", 3, min=1)
+    threads: int = opt("DALI threads and DataLoader workers alike", default_factory=os.cpu_count, min=1)
+    dali_device: str = opt("DALI decode: gpu (nvJPEG, mixed), cpu, or auto", "auto", choices=DALI_DEVICES)
+    dali_prefetch: int = opt("DALI batches decoded ahead of the one in use", 2, min=1)
+    json: bool = opt("the report as JSON", False)
+
+    def __post_init__(self):
+        check(self)
+
+
+def bench_loaders(options: LoaderBenchOptions) -> dict:
+    data = Path(options.data)
     check_layout(data)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = DistContext(rank=0, local_rank=0, size=1, local_size=1, device=device)
-    runs: dict[str, list[Measurement]] = {name: [] for name in loaders}
-    for _ in range(repeats):  # interleaved, so a slow moment of the machine hits every loader alike
-        for name in loaders:
+    runs: dict[str, list[Measurement]] = {name: [] for name in options.loader}
+    for _ in range(options.repeats):  # interleaved, so a slow moment of the machine hits every loader alike
+        for name in options.loader:
             config = TrainConfig(data=str(data), output="(bench-loader writes nothing)", loader=name,
-                                 batch_size=batch_size, image_size=image_size, val_resize=image_size,
-                                 workers=threads, dali_threads=threads, dali_device=dali_device,
-                                 dali_prefetch=dali_prefetch)
-            runs[name].append(measure(config, ctx, epochs))
-    results = []
-    for name, measurements in runs.items():
-        results.append({
-            "loader": name,
-            "description": measurements[0].description,
-            "images_per_sec": statistics.median(m.images_per_sec for m in measurements),
-            "cpu_seconds_per_image": statistics.median(m.cpu_seconds / m.images for m in measurements),
-            "peak_rss_mib": max(m.peak_rss_mib for m in measurements),
-            "images_per_repeat": measurements[0].images,
-            "runs_images_per_sec": [m.images_per_sec for m in measurements],
-        })
+                                 batch_size=options.batch_size, image_size=options.image_size,
+                                 val_resize=options.image_size, workers=options.threads,
+                                 dali_threads=options.threads, dali_device=options.dali_device,
+                                 dali_prefetch=options.dali_prefetch)
+            runs[name].append(measure(config, ctx, options.epochs))
+    results = [summarize(name, measurements) for name, measurements in runs.items()]
     baseline = results[-1]["images_per_sec"]
     for result in results:
         result["ratio"] = result["images_per_sec"] / baseline
     return {
         "benchmark": "bench-loader", "data": str(data), "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)", "batch_size": batch_size,
-        "image_size": image_size, "threads": threads, "epochs": epochs, "repeats": repeats,
-        "results": results,
+        if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)", "batch_size": options.batch_size,
+        "image_size": options.image_size, "threads": options.threads, "epochs": options.epochs,
+        "repeats": options.repeats, "results": results,
     }
+
+
+def summarize(name: str, measurements: list[Measurement]) -> dict:
+    """One loader's row: medians over the repeats."""
+    return {
+        "loader": name,
+        "description": measurements[0].description,
+        "images_per_sec": statistics.median(m.images_per_sec for m in measurements),
+        "cpu_seconds_per_image": statistics.median(m.cpu_seconds / m.images for m in measurements),
+        "peak_rss_mib": max(m.peak_rss_mib for m in measurements),
+        "images_per_repeat": measurements[0].images,
+        "runs_images_per_sec": [m.images_per_sec for m in measurements],
+    }
+
+
+def run(options: LoaderBenchOptions) -> None:
+    report = {**bench_loaders(options), "command": "hvd-imagenet " + " ".join(sys.argv[1:])}
+    print(json.dumps(report, indent=1) if options.json else format_report(report))
 
 
 def format_report(report: dict) -> str:
@@ -178,3 +208,6 @@ def format_report(report: dict) -> str:
         rows.append(f"{r['loader']:<12} {r['images_per_sec']:>9.1f} {r['cpu_seconds_per_image']:>10.4f} "
                     f"{r['peak_rss_mib']:>9.0f} {r['ratio']:>14.2f}x  {r['description']}")
     return "\n".join(rows)
+
+
+COMMAND = Command(LoaderBenchOptions, run)

@@ -1,6 +1,6 @@
 """`hvd-imagenet scaling-model`: step time, img/s, scaling efficiency and 90-epoch time at 1..32 nodes x 8 GPUs,
 predicted from one GPU's step time, the model's gradient size and the links (an alpha-beta model). Pure
-arithmetic, no Horovod: every number can be checked by hand (tests/test_scaling_model.py does one).
+arithmetic, no Horovod: every number can be checked by hand (tests/test_communication.py does one).
 
 Assumptions (each a flag):
 - A step is the single-GPU compute time t_c plus the part of the gradient allreduce that backprop does not
@@ -13,7 +13,8 @@ Assumptions (each a flag):
 - Hierarchical (--hierarchical-allreduce: NCCL within the node, then across nodes on S/8 per GPU, each GPU on
   its own NIC): reduce-scatter and allgather over NVLink, (g-1) alpha_nvl + (g-1)/g S / B_nvl each, between
   them a ring across N nodes of S/g bytes over one NIC.
-- fp16 halves S and adds two passes over the gradients in GPU memory (the casts). PowerSGD sends its factors
+- What each --compression puts on the wire is its entry's `Wire` in compression.py: fp16 (and bf16) halve S
+  and add two passes over the gradients in GPU memory (the casts). PowerSGD sends its factors
   and the 1-D tensors in three allreduces (three latency terms) and costs ~6 small kernels per weight matrix
   plus ~5 passes over the gradients (error feedback, the product P Q^T).
 Anchors: Goyal et al. (2017) report ~90 % scaling efficiency from 8 to 256 P100 GPUs (kn = 8k in 1 hour);
@@ -21,31 +22,42 @@ Horovod's README reports 90 % scaling efficiency at 512 GPUs for ResNet-101 and 
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import statistics
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..config import _help
+from ..compression import COMPRESSIONS
 from ..data.synthetic import IMAGENET_TRAIN_IMAGES
+from ..errors import UserError
+from ..flags import Command, check, opt
 
 @dataclass(frozen=True)
 class Cluster:
-    step_time_ms: float = field(default=32 / 3000 * 1000, metadata=_help(
+    step_time_ms: float = opt(
         "one GPU's step time at n (forward, backward, optimizer; no communication). Default: n=32 at 3,000 "
-        "img/s, a goal for one H100 with AMP, not a measurement; give yours, or --from-bench"))
-    batch_size: int = field(default=32, metadata=_help("n, images per GPU per step (the paper's 32)"))
-    arch: str = field(default="resnet50", metadata=_help("model whose gradients are allreduced"))
-    gpus_per_node: int = field(default=8, metadata=_help("GPUs per node"))
-    nvlink_gb_s: float = field(default=450.0, metadata=_help(
-        "one GPU's NVLink bandwidth per direction, GB/s (H100 SXM: 900 GB/s both ways)"))
-    nvlink_latency_us: float = field(default=3.0, metadata=_help("alpha within a node, per ring step"))
-    nic_gbit_s: float = field(default=200.0, metadata=_help("one NIC, Gbit/s (InfiniBand NDR200)"))
-    nics_per_node: int = field(default=8, metadata=_help("NICs per node (one per GPU)"))
-    nic_latency_us: float = field(default=6.0, metadata=_help("alpha between nodes, per ring step"))
-    hbm_gb_s: float = field(default=3350.0, metadata=_help("GPU memory bandwidth, GB/s (H100 SXM: 3.35 TB/s)"))
-    kernel_us: float = field(default=5.0, metadata=_help("one small GPU kernel's cost (PowerSGD's per-matrix ops)"))
-    overlap: float = field(default=0.8, metadata=_help(
-        "fraction of backprop's time that can hide allreduce (Horovod's hooks; 0: none hidden)"))
-    powersgd_rank: int = field(default=2, metadata=_help("PowerSGD's rank r"))
-    epochs: int = field(default=90, metadata=_help("epochs for the time-to-train column"))
+        "img/s, a goal for one H100 with AMP, not a measurement; give yours, or --from-bench", 32 / 3000 * 1000,
+        above=0)
+    batch_size: int = opt("n, images per GPU per step (the paper's 32)", 32, above=0)
+    arch: str = opt("model whose gradients are allreduced", "resnet50")
+    gpus_per_node: int = opt("GPUs per node", 8, above=0)
+    nvlink_gb_s: float = opt("one GPU's NVLink bandwidth per direction, GB/s (H100 SXM: 900 GB/s both ways)", 450.0,
+                             above=0)
+    nvlink_latency_us: float = opt("alpha within a node, per ring step", 3.0, min=0)
+    nic_gbit_s: float = opt("one NIC, Gbit/s (InfiniBand NDR200)", 200.0, above=0)
+    nics_per_node: int = opt("NICs per node (one per GPU)", 8, above=0)
+    nic_latency_us: float = opt("alpha between nodes, per ring step", 6.0, min=0)
+    hbm_gb_s: float = opt("GPU memory bandwidth, GB/s (H100 SXM: 3.35 TB/s)", 3350.0, above=0)
+    kernel_us: float = opt("one small GPU kernel's cost (PowerSGD's per-matrix ops)", 5.0, min=0)
+    overlap: float = opt("fraction of backprop's time that can hide allreduce (Horovod's hooks; 0: none hidden)",
+                         0.8, min=0, max=1)
+    powersgd_rank: int = opt("PowerSGD's rank r", 2, above=0)
+    epochs: int = opt("epochs for the time-to-train column", 90, above=0)
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass(frozen=True)
@@ -91,19 +103,17 @@ def predict(c: Cluster, grads: Gradients, nodes: int, compression: str, hierarch
     compute = c.step_time_ms / 1000
     hideable = c.overlap * compute * 2 / 3
     fp32_bytes = grads.elements * 4
-    if compression == "none":
-        comm = allreduce_seconds(c, nodes, fp32_bytes, hierarchical)
-        exposed, overhead = max(comm - hideable, (1 - c.overlap) * comm), 0.0
-    elif compression == "fp16":
-        comm = allreduce_seconds(c, nodes, fp32_bytes / 2, hierarchical)
-        overhead = 2 * (fp32_bytes + fp32_bytes / 2) / (c.hbm_gb_s * 1e9)  # cast down and up: read + write each
-        exposed = max(comm - hideable, (1 - c.overlap) * comm)
-    elif compression == "powersgd":
+    hbm = c.hbm_gb_s * 1e9
+    wire = COMPRESSIONS[compression].wire
+    if wire.low_rank:  # PowerSGD: three allreduces of the factors and the 1-D tensors, after backprop
         comm = allreduce_seconds(c, nodes, grads.powersgd_elements * 4, hierarchical, messages=3)
-        overhead = grads.matrices * 6 * c.kernel_us * 1e-6 + 5 * fp32_bytes / (c.hbm_gb_s * 1e9)
-        exposed = comm  # after backprop: nothing hidden
+        overhead = grads.matrices * 6 * c.kernel_us * 1e-6 + 5 * fp32_bytes / hbm
+        exposed = comm  # nothing hidden
     else:
-        raise ValueError(f"the model has no {compression!r}")
+        size = grads.elements * wire.bytes_per_element
+        comm = allreduce_seconds(c, nodes, size, hierarchical)
+        overhead = 2 * (fp32_bytes + size) / hbm if wire.casts else 0.0  # cast down and up: read + write each
+        exposed = max(comm - hideable, (1 - c.overlap) * comm)
     gpus = nodes * c.gpus_per_node
     if gpus == 1:
         exposed = overhead = 0.0
@@ -162,3 +172,41 @@ def plot(report: dict, path: str) -> None:
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+@dataclass(frozen=True)
+class ScalingOptions:
+    cluster: Cluster = field(default_factory=Cluster)
+    from_bench: str = opt("take n and the 1-GPU step time from a bench-train --json result's 1-rank runs", "")
+    nodes: tuple[int, ...] = opt("node counts", (1, 2, 4, 8, 16, 32), min=1)
+    compression: tuple[str, ...] = opt("compressors (compression.COMPRESSIONS)", ("none", "fp16", "powersgd"),
+                                       choices=tuple(COMPRESSIONS))
+    plot: str = opt("efficiency vs GPUs as a PNG (needs matplotlib: pip install .[study])", "")
+    json: bool = opt("the report as JSON", False)
+
+    def __post_init__(self):
+        check(self)
+
+
+def cluster_from_bench(cluster: Cluster, path: str) -> Cluster:
+    """n and the 1-GPU step time (median) of a bench-train --json result's 1-rank runs."""
+    runs = [r for r in json.loads(Path(path).read_text())["runs"] if r["ranks"] == 1]
+    if not runs:
+        raise UserError(f"--from-bench {path}: no 1-rank run in it (bench-train --np 1)")
+    return dataclasses.replace(cluster, step_time_ms=1000 * statistics.median(r["step_seconds"] for r in runs),
+                               batch_size=runs[0]["batch_size"])
+
+
+def run(options: ScalingOptions) -> None:
+    cluster = cluster_from_bench(options.cluster, options.from_bench) if options.from_bench else options.cluster
+    report = scaling_table(cluster, list(options.nodes), list(options.compression))
+    report["command"] = "hvd-imagenet " + " ".join(sys.argv[1:])
+    if options.plot:
+        plot(report, options.plot)
+    print(json.dumps(report, indent=1) if options.json else format_report(report))
+
+
+COMMAND = Command(ScalingOptions, run, description=(
+    "An alpha-beta model of Horovod's allreduce (ring and hierarchical) for each compressor, from one GPU's step "
+    "time; its assumptions are in hvd_imagenet/bench/scaling.py and docs/communication.md. Defaults: H100 SXM "
+    "nodes, 8 GPUs on NVLink, 8 x 200 Gb/s InfiniBand."))

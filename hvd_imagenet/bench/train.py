@@ -1,44 +1,92 @@
 """`hvd-imagenet bench-train`: training steps timed phase by phase, under Horovod or PyTorch DDP.
 
-On each rank: `warmup` untimed steps, then `steps` timed ones, each split into
+The step timed is training's own (step.TrainStep: lr, forward and loss under autocast, backward,
+synchronize, unscale, clipping, the finite check, the step), with a clock at each phase boundary:
   data            the next batch from the loader (0 for synthetic data: one fixed batch on the device)
   forward         forward pass and loss (autocast under --precision)
   backward        backprop. Horovod's hooks start each gradient's allreduce here, in the background; DDP's
                   reducer allreduces its buckets here too and waits for the last one before returning
   allreduce_wait  optimizer.synchronize(): Horovod only, the wait for allreduces that backprop did not hide
                   (PowerSGD: all of its compression and its allreduces, which start after backprop)
-  optimizer       SGD step (and GradScaler's unscale and update under amp-fp16)
-On a GPU each boundary synchronizes the device (a small cost, the same for both backends). Rank 0 reports the
-median of each phase; img/s per worker is n / median step time.
+  optimizer       unscale, the finite check (or GradScaler's) and the SGD step
+On each rank: `warmup` untimed steps, then `steps` timed ones. On a GPU each boundary synchronizes the device
+(a small cost, the same for both backends). Rank 0 reports the median of each phase; img/s per worker is n /
+median step time.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import statistics
-import time
+from dataclasses import dataclass, field
 
 import torch
 
-from ..config import TrainConfig
+from ..compression import COMPRESSIONS
+from ..config import HOROVOD_DEFAULTS, TrainConfig, train_default
 from ..context import DistContext
-from ..data import build_loaders
-from ..model import build_model, mixed_precision, parameter_groups
-from .launch import launcher_rank_and_size
+from ..data import LOADERS, build_loaders
+from ..errors import UserError
+from ..flags import Command, check, opt
+from ..model import build_model, parameter_groups
+from ..precision import PRECISIONS, autocast
+from ..step import PHASES, PhaseClock, TrainStep
+from . import launch
+from .launch import LaunchOptions, launcher_rank_and_size
 
-PHASES = ("data", "forward", "backward", "allreduce_wait", "optimizer")
+BACKENDS = ("horovod", "ddp")
 
 
-def start_ranks(backend: str, threads: int, knobs: dict) -> DistContext:
+@dataclass(frozen=True)
+class TrainBenchOptions:
+    backend: tuple[str, ...] = opt("backends to time", BACKENDS, choices=BACKENDS)
+    np: tuple[int, ...] = opt("ranks to start on this machine, one run each (as a command)", (1, 2), min=1)
+    compression: tuple[str, ...] = opt("Horovod: ours; DDP: PyTorch's fp16/bf16/PowerSGD comm hooks", ("none",),
+                                       choices=tuple(COMPRESSIONS))
+    arch: str = opt("model (any `train --arch`)", "resnet50")
+    batch_size: int = opt("n, per worker", train_default("batch_size"), min=1)
+    image_size: int = opt("px", 224, min=1)
+    loader: str = opt("input pipeline", "synthetic", choices=tuple(LOADERS))
+    data: str = opt("with --loader dali|torchvision", "")
+    precision: str = opt("autocast for forward and loss", "fp32", choices=tuple(PRECISIONS))
+    channels_last: bool = opt("NHWC image batches", False)
+    powersgd_rank: int = opt("PowerSGD's rank r", train_default("powersgd_rank"), min=1)
+    powersgd_start_step: int = opt(
+        "0: compressed from the first step (DDP's hook needs 2 plain steps: within --warmup)", 0, min=0)
+    gradient_predivide_factor: float = opt("as train's", train_default("gradient_predivide_factor"), above=0)
+    fusion_threshold_mb: float = opt("as train's", HOROVOD_DEFAULTS[0], min=0)
+    cycle_time_ms: float = opt("as train's", HOROVOD_DEFAULTS[1], above=0)
+    hierarchical_allreduce: bool = opt("as train's", HOROVOD_DEFAULTS[2])
+    steps: int = opt("timed steps per run", 10, min=1)
+    warmup: int = opt("untimed steps first (>= 2 for DDP's PowerSGD)", 3, min=0)
+    repeats: int = opt("runs per case (as a command); medians shown", 3, min=1)
+    threads: int = opt("CPU threads per worker (0: cores / the largest --np, the same at every --np)", 0, min=0)
+    launch: LaunchOptions = field(default_factory=LaunchOptions)
+
+    def __post_init__(self):
+        check(self)
+
+    def train_config(self) -> TrainConfig:
+        """The training config of one rank's run (one --compression), from the flags the two share."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)
+                  if f.name in _FIELDS and f.name not in ("compression", "lr")}
+        return TrainConfig(**shared, output="(bench-train writes nothing)", val_resize=self.image_size,
+                           compression=self.compression[0], workers=self.threads, dali_threads=self.threads)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainBenchOptions)}
+
+
+def start_ranks(backend: str, config: TrainConfig, threads: int) -> DistContext:
     """Horovod (hvd.init) or torch.distributed (gloo on the CPU, NCCL on GPUs; rank and size from the
     launcher, MASTER_ADDR/MASTER_PORT from the environment), and this rank's share of the cores."""
     if backend == "horovod":
         from .. import comm
 
-        ctx = comm.init(**knobs)
+        ctx = comm.init(config.fusion_threshold_mb, config.cycle_time_ms, config.hierarchical_allreduce)
     else:
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            from ..errors import UserError
-
             raise UserError("--backend ddp under a launcher: set MASTER_ADDR and MASTER_PORT (rank 0's host, a "
                             "free port) for torch.distributed")
         rank, size, local_rank, local_size = launcher_rank_and_size()
@@ -53,20 +101,37 @@ def start_ranks(backend: str, threads: int, knobs: dict) -> DistContext:
     return ctx
 
 
-def ddp_wrap(model: torch.nn.Module, ctx: DistContext, compression: str, powersgd_rank: int):
-    """DDP with the comm hook that matches --compression (PyTorch's own fp16, bf16 and PowerSGD hooks)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+class DDPOptimizer(torch.optim.SGD):
+    """SGD with Horovod's DistributedOptimizer interface, for TrainStep under DDP: DDP's reducer averaged the
+    gradients inside backward, so there is nothing to synchronize."""
 
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
-                                                      else None)
-    if compression == "fp16":
-        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif compression == "bf16":
-        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    elif compression == "powersgd":
-        state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=powersgd_rank, start_powerSGD_iter=2)
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)  # DDP allows no PowerSGD from step 0
-    return model
+    def synchronize(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        yield
+
+
+def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes: int, clock: PhaseClock):
+    """The training step under one backend: training's own model, optimizer and scaler (Horovod), or DDP with
+    the comm hook that matches --compression (compression.COMPRESSIONS) and plain SGD."""
+    if backend == "horovod":
+        from .. import comm
+        from ..train import build_training
+
+        model, optimizer, scaler = build_training(config, num_classes, ctx.device)
+        comm.broadcast_state(model, optimizer, resumed=False)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(
+            build_model(config.arch, num_classes, config.zero_init_residual).to(ctx.device),
+            device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        COMPRESSIONS[config.compression].register_ddp_hook(model, config.powersgd_rank)
+        optimizer = DDPOptimizer(parameter_groups(model, config.weight_decay, config.bn_weight_decay), lr=0.0,
+                                 momentum=config.momentum, nesterov=config.nesterov)
+        scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
+    return TrainStep(model, optimizer, scaler, autocast(config.precision, ctx.device), micro_batches=1,
+                     restore_bn=scaler.is_enabled(), on_phase=clock)
 
 
 def endless(loaders):
@@ -79,81 +144,84 @@ def endless(loaders):
 
 def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, threads: int) -> dict | None:
     """Run on every rank; rank 0 returns the report (the others None)."""
-    ctx = start_ranks(backend, threads, {"fusion_threshold_mb": config.fusion_threshold_mb,
-                                         "cycle_time_ms": config.cycle_time_ms,
-                                         "hierarchical_allreduce": config.hierarchical_allreduce})
+    ctx = start_ranks(backend, config, threads)
     loaders = build_loaders(config, ctx)
-    model = build_model(config.arch, loaders.num_classes, config.zero_init_residual).to(ctx.device)
-    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay, config.bn_weight_decay), lr=0.01,
-                                momentum=config.momentum, nesterov=config.nesterov)
+    clock = PhaseClock(ctx.device, absent=("allreduce_wait",) if backend == "ddp" else ())
+    step = build_step(backend, config, ctx, loaders.num_classes, clock)
+    step.model.train()
+    batches = endless(loaders)
+    timings = {phase: [] for phase in PHASES}
+    for index in range(warmup + steps):
+        clock.start()
+        step(batches, lr=0.01)
+        if index >= warmup:
+            for phase, seconds in clock.seconds.items():
+                timings[phase].append(seconds)
     if backend == "horovod":
         from .. import comm
 
-        optimizer = comm.distributed_optimizer(
-            optimizer, model, config.compression, 1, config.gradient_predivide_factor,
-            comm.PowerSGDSettings(rank=config.powersgd_rank, start_step=config.powersgd_start_step))
-        comm.broadcast_state(model, optimizer, resumed=False)
-    else:
-        model = ddp_wrap(model, ctx, config.compression, config.powersgd_rank)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
-    autocast = mixed_precision(config.precision, ctx.device)
-    criterion = torch.nn.CrossEntropyLoss()
-    batches = endless(loaders)
-    model.train()
-    timings = {phase: [] for phase in PHASES}
-
-    def now() -> float:
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    for step in range(warmup + steps):
-        t0 = now()
-        images, target = next(batches)
-        t1 = now()
-        optimizer.zero_grad()
-        with autocast:
-            loss = criterion(model(images), target)
-        t2 = now()
-        scaler.scale(loss).backward()
-        t3 = now()
-        if backend == "horovod":
-            optimizer.synchronize()
-            t4 = now()
-        else:
-            t4 = t3  # DDP's backward returned after its last allreduce
-        scaler.unscale_(optimizer)
-        if backend == "horovod":
-            with optimizer.skip_synchronize():
-                scaler.step(optimizer)
-        else:
-            scaler.step(optimizer)
-        scaler.update()
-        t5 = now()
-        if step >= warmup:
-            for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                timings[phase].append(seconds)
-    if backend == "horovod":
         comm.shutdown()
     else:  # no rank closes its connections while another still uses them
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    if not ctx.is_primary:
-        return None
-    step_times = [sum(parts) for parts in zip(*timings.values())]
-    step = statistics.median(step_times)
+    return report(backend, config, ctx, loaders.description, timings, steps, warmup) if ctx.is_primary else None
+
+
+def report(backend: str, config: TrainConfig, ctx: DistContext, input_description: str, timings: dict,
+           steps: int, warmup: int) -> dict:
     from .allreduce import device_name
 
+    step_times = [sum(parts) for parts in zip(*timings.values())]
+    step = statistics.median(step_times)
     return {
         "backend": backend, "ranks": ctx.size, "device": device_name(ctx.device),
         "threads_per_rank": torch.get_num_threads() if ctx.device.type == "cpu" else None,
         "arch": config.arch, "batch_size": config.batch_size, "image_size": config.image_size,
-        "loader": config.loader, "input": loaders.description, "precision": config.precision,
+        "loader": config.loader, "input": input_description, "precision": config.precision,
         "channels_last": config.channels_last, "compression": config.compression, "steps": steps,
         "warmup": warmup, "step_seconds": step, "phases": {p: statistics.median(v) for p, v in timings.items()},
         "images_per_sec_per_worker": config.batch_size / step, "images_per_sec": ctx.size * config.batch_size / step,
         "runs_step_seconds": step_times,
     }
+
+
+def run(options: TrainBenchOptions) -> None:
+    if launch.under_launcher():  # one of the ranks: one backend, one compression
+        if len(options.backend) > 1 or len(options.compression) > 1 or options.launch.link != "loopback":
+            raise UserError("under a launcher, bench-train measures one --backend and one --compression on the "
+                            "launcher's ranks (no --link); as a command it runs each combination itself")
+        result = bench_train(options.backend[0], options.train_config(), options.steps, options.warmup,
+                             options.threads)
+        if result:
+            launch.emit({"runs": [result], "rows": summarize([result]), "repeats": 1}, options.launch,
+                        format_report)
+        return
+    launch.emit(drive(options), options.launch, format_report)
+
+
+def drive(options: TrainBenchOptions) -> dict:
+    """As a command: every (np, backend, compression) case `repeats` times, interleaved (a slow moment of the
+    machine hits every case alike), each on its own horovodrun."""
+    from tqdm import tqdm
+
+    threads = options.threads or max(1, (os.cpu_count() or 1) // max(options.np))  # the same at every --np
+    cases = [(np, backend, compression)
+             for np in options.np for backend in options.backend for compression in options.compression]
+    runs = []
+    with launch.shaped_namespace(options.launch.link) as prefix:
+        link = launch.link_record(options.launch.link, prefix)
+        with tqdm(total=options.repeats * len(cases), desc="bench-train", unit="run", leave=False) as progress:
+            for _ in range(options.repeats):
+                for np, backend, compression in cases:
+                    case = dataclasses.replace(options, backend=(backend,), compression=(compression,), np=(np,),
+                                               threads=threads, repeats=1)
+                    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(launch.free_port())}
+                    report = launch.run_ranks(prefix, np, options.launch.controller,
+                                              launch.forward("bench-train", case), env)
+                    runs.extend(report["runs"])
+                    progress.update()
+    return {"benchmark": "bench-train", "repeats": options.repeats, "rows": summarize(runs), "runs": runs,
+            "link": link}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -207,3 +275,9 @@ def format_report(report: dict) -> str:
     lines.append("weak scl: img/s per worker vs the same backend at the fewest ranks; vs ddp / vs none: step time "
                  "ratio (< 1: faster)")
     return "\n".join(lines)
+
+
+COMMAND = Command(TrainBenchOptions, run, description=(
+    "Times training steps of the same model and data under Horovod and under PyTorch DDP (gloo on the CPU, NCCL "
+    "on GPUs), at each --np, for each --compression; weak-scaling efficiency is img/s per worker against the "
+    "fewest ranks. " + launch.AS_COMMAND_OR_RANK))

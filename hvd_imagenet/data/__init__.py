@@ -1,22 +1,41 @@
 """Input pipelines behind one small interface: `build_loaders(config, ctx) -> Loaders`.
 
-Three loaders (--loader): `dali` (NVIDIA DALI: GPU decode on GPU machines, CPU threads elsewhere),
-`torchvision` (PIL in DataLoader worker processes) and `synthetic` (one fixed batch on the device). The
-real ones read the same samples (layout.list_samples: ImageFolder's files and labels, minus what a
---file-list excludes) and split them among ranks the same way (shards.py).
+Three loaders (--loader; LOADERS has one entry each): `dali` (NVIDIA DALI: GPU decode on GPU machines, CPU
+threads elsewhere), `torchvision` (PIL in DataLoader worker processes) and `synthetic` (one fixed batch on the
+device). To add one, write its builder module here and add its entry to LOADERS. The real ones read the same
+samples (layout.list_samples: ImageFolder's files and labels, minus what a --file-list excludes) and split them
+among ranks the same way (shards.py).
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import torch
+if TYPE_CHECKING:  # torch and the loaders are imported when a loader is built, not with the config
+    import torch
 
-from ..context import DistContext
-from ..config import TrainConfig
-from .layout import class_folders, list_samples, read_file_list
+    from ..config import TrainConfig
+    from ..context import DistContext
+
+
+@dataclass(frozen=True)
+class LoaderKind:
+    """One --loader choice: the function in this package that builds it, and whether it reads --data."""
+
+    builder: str  # "module:function", called as (config, ctx, samples), or (config, ctx) without files
+    reads_files: bool
+
+
+LOADERS = {
+    "dali": LoaderKind("dali:dali_loaders", reads_files=True),
+    "torchvision": LoaderKind("torchvision_loader:torchvision_loaders", reads_files=True),
+    "synthetic": LoaderKind("synthetic:synthetic_loaders", reads_files=False),
+}
+FILE_LOADERS = tuple(name for name, kind in LOADERS.items() if kind.reads_files)
+DALI_DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclass
@@ -39,6 +58,8 @@ class Samples:
 
 
 def read_samples(data: Path, file_list: str) -> Samples:
+    from .layout import class_folders, list_samples, read_file_list
+
     allowed = read_file_list(Path(file_list)) if file_list else None
     classes = class_folders(data / "train")
     return Samples(list_samples(data, "train", classes, allowed), list_samples(data, "val", classes, allowed),
@@ -51,15 +72,9 @@ def default_threads(ctx: DistContext) -> int:
 
 
 def build_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
-    if config.loader == "synthetic":
-        from .synthetic import synthetic_loaders
-
-        return synthetic_loaders(config, ctx)
-    samples = read_samples(Path(config.data), config.file_list)
-    if config.loader == "dali":
-        from .dali import dali_loaders
-
-        return dali_loaders(config, ctx, samples)
-    from .torchvision_loader import torchvision_loaders
-
-    return torchvision_loaders(config, ctx, samples)
+    kind = LOADERS[config.loader]
+    module, function = kind.builder.split(":")
+    build = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+    if not kind.reads_files:
+        return build(config, ctx)
+    return build(config, ctx, read_samples(Path(config.data), config.file_list))

@@ -6,7 +6,9 @@ mid-epoch; check-data lists them and writes a file list without them for `train 
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ..flags import Command, check, opt
 from .layout import check_layout, list_samples
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -68,7 +71,7 @@ def scan(data: Path, workers: int = 0, progress: bool = True) -> list[ImageRepor
     items = [(path, os.path.relpath(path, data)) for path in paths]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         reports = list(tqdm(pool.map(_inspect, items, chunksize=64), total=len(items), unit="file",
-                            desc="check-data", disable=not progress))
+                            desc="check-data", disable=None if progress else True))  # None: off when not a TTY
     return reports
 
 
@@ -104,3 +107,42 @@ def write_file_list(reports: list[ImageReport], path: Path) -> int:
     good = [r.path for r in reports if r.problem is None]
     path.write_text("".join(f"{name}\n" for name in good))
     return len(good)
+
+
+@dataclass(frozen=True)
+class CheckDataOptions:
+    data: str = opt("DIR/train/<class>/*, DIR/val/<class>/*")
+    write_file_list: str = opt("write the readable files here, for train --file-list", "")
+    workers: int = opt("processes (0: all cores)", 0, min=0)
+    json: bool = opt("machine-readable report on stdout", False)
+
+    def __post_init__(self):
+        check(self)
+
+
+def run(options: CheckDataOptions) -> int:
+    data = Path(options.data)
+    reports = scan(data, options.workers, progress=not options.json)
+    unreadable = [r for r in reports if r.problem]
+    if options.json:
+        print(json.dumps({
+            "data": str(data), "images": len(reports), "per_class": per_class_counts(reports),
+            "odd": {r.path: r.oddity for r in reports if r.problem is None and r.oddity},
+            "unreadable": {r.path: r.problem for r in unreadable},
+        }, indent=1))
+    else:
+        print(summary(reports))
+    if options.write_file_list:
+        count = write_file_list(reports, Path(options.write_file_list))
+        print(f"check-data: wrote {count} readable files to {options.write_file_list}; "
+              f"train with --file-list {options.write_file_list}", file=sys.stderr)
+        return 0
+    if unreadable:
+        print(f"check-data: {len(unreadable)} unreadable file(s); write a list without them with "
+              "--write-file-list F and train with --file-list F", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMAND = Command(CheckDataOptions, run, description="Exit status 1 when a file cannot be decoded (0 with "
+                                                     "--write-file-list, whose list leaves such files out).")

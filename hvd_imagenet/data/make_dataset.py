@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..flags import Command, check, opt
 
 SHAPES = ("ellipse", "rectangle", "triangle", "ring")
 KINDS = ("shapes", "digits")
@@ -92,7 +93,8 @@ def make_dataset(output: Path, classes: int, train_per_class: int, val_per_class
         for i in range(count)
     ]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        for _ in tqdm(pool.map(render, jobs, chunksize=16), total=len(jobs), desc="make-dataset", unit="img"):
+        for _ in tqdm(pool.map(render, jobs, chunksize=16), total=len(jobs), desc="make-dataset", unit="img",
+                      disable=None):  # a bar on a terminal only: in a log its redraws are one endless line
             pass
     return len(jobs)
 
@@ -107,7 +109,7 @@ def make_digits(output: Path) -> int:
     digits = load_digits()  # shipped inside scikit-learn: no download
     margin = (DIGIT_CANVAS - DIGIT_SIZE) // 2
     for index, (pixels, label) in enumerate(tqdm(list(zip(digits.images, digits.target)), desc="make-dataset",
-                                                  unit="img")):
+                                                  unit="img", disable=None)):
         split = "val" if index % DIGITS_VAL_EVERY == DIGITS_VAL_EVERY - 1 else "train"
         digit = Image.fromarray((pixels * (255 / 16)).round().astype(np.uint8))  # 0..16 -> 0..255, ink bright
         canvas = Image.new("L", (DIGIT_CANVAS, DIGIT_CANVAS))
@@ -116,3 +118,40 @@ def make_digits(output: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         canvas.save(path, "JPEG", quality=95)
     return len(digits.images)
+
+
+SHAPES_DEFAULTS = {"classes": 10, "train_per_class": 100, "val_per_class": 20, "seed": 0}
+
+
+@dataclass(frozen=True)
+class MakeDatasetOptions:
+    output: str = opt("the data set's directory (new or empty)")
+    kind: str = opt("shapes: generated colored shapes, 200-500 px; digits: scikit-learn's 1,797 handwritten digits "
+                    "(real), 20 px, a fixed train/val split", "shapes", choices=KINDS)
+    classes: int | None = opt(f"shapes: classes (default {SHAPES_DEFAULTS['classes']})", None, min=2)
+    train_per_class: int | None = opt(
+        f"shapes: train images per class (default {SHAPES_DEFAULTS['train_per_class']})", None, min=1)
+    val_per_class: int | None = opt(
+        f"shapes: val images per class (default {SHAPES_DEFAULTS['val_per_class']})", None, min=1)
+    seed: int | None = opt(f"shapes: seed (default {SHAPES_DEFAULTS['seed']})", None)
+    workers: int = opt("processes (0: all cores)", 0, min=0)
+
+    def __post_init__(self):
+        check(self)
+
+
+def run(options: MakeDatasetOptions) -> None:
+    output = Path(options.output)
+    if options.kind == "digits":
+        given = [f"--{name.replace('_', '-')}" for name in SHAPES_DEFAULTS if getattr(options, name) is not None]
+        if given:
+            raise UserError(f"--kind digits is a fixed data set (10 classes, a fixed split); drop {' '.join(given)}")
+        count = make_digits(output)
+    else:
+        values = {name: default if getattr(options, name) is None else getattr(options, name)
+                  for name, default in SHAPES_DEFAULTS.items()}
+        count = make_dataset(output, **values, workers=options.workers)
+    print(f"make-dataset: wrote {count} JPEG files to {output}")
+
+
+COMMAND = Command(MakeDatasetOptions, run)

@@ -60,8 +60,8 @@ class EpochShard(Sampler[tuple[int, int]]):
     depend on which worker draws them or on what it drew before, so workers can persist across epochs and a
     resumed run still sees exactly the images of the uninterrupted one."""
 
-    def __init__(self, num_samples: int, seed: int, batch_size: int, ctx: DistContext):
-        self.num_samples, self.seed, self.batch_size, self.ctx = num_samples, seed, batch_size, ctx
+    def __init__(self, num_samples: int, seed: int, ctx: DistContext):
+        self.num_samples, self.seed, self.ctx = num_samples, seed, ctx
         self.epoch, self.images_done = 0, 0
 
     def set_epoch(self, epoch: int, images_done: int = 0) -> None:
@@ -121,8 +121,13 @@ def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
 
     torch's own check in a worker is "is my parent alive", and a forkserver worker's parent is the server,
     which waits for its workers to go: a trainer killed with -9 (or by the OOM killer) would leave both
-    behind, holding the launcher's stdout pipe open, and horovodrun then waits forever (seen here)."""
-    trainer = os.pidfd_open(trainer_pid)  # readable once the process has ended (Linux >= 5.3)
+    behind, holding the launcher's stdout pipe open, and horovodrun then waits forever (seen here). A trainer
+    killed while its workers start is gone before this runs: then the worker exits at once (seen here too: a
+    kill -9 two seconds into the first epoch left a worker polling for indices, and the job hung)."""
+    try:
+        trainer = os.pidfd_open(trainer_pid)  # readable once the process has ended (Linux >= 5.3)
+    except ProcessLookupError:  # the trainer ended before this worker started
+        os._exit(0)
 
     def wait_then_exit():
         select.select([trainer], [], [])
@@ -147,7 +152,7 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples)
                              transforms.ToTensor(),
                              normalize,
                          ]))
-    sampler = EpochShard(len(train_set), config.seed, config.batch_size, ctx)
+    sampler = EpochShard(len(train_set), config.seed, ctx)
     # Workers persist across epochs (no start-up per epoch); the sampler runs in this process, so
     # set_epoch still selects each epoch's shuffle.
     options = dict(batch_size=config.batch_size, num_workers=config.workers or default_threads(ctx),

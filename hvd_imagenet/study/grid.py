@@ -15,10 +15,11 @@ The paper -> here (Scale's defaults, chosen so table1 x 3 seeds takes under an h
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..config import _help
+from ..config import TrainConfig
 from ..errors import UserError
+from ..flags import check, opt, to_argv
 from ..schedule import LRPolicy, peak_lr
 
 PAPER_EPOCHS, PAPER_WARMUP, PAPER_LR_STEPS = 90, 5, (30, 60, 80)  # Sec. 2.2, 5.1
@@ -28,25 +29,20 @@ PAPER_EPOCHS, PAPER_WARMUP, PAPER_LR_STEPS = 90, 5, (30, 60, 80)  # Sec. 2.2, 5.
 class Scale:
     """The study's stand-ins for the paper's sizes; every field is a `study` flag."""
 
-    ranks: int = field(default=2, metadata=_help("Horovod ranks (real workers) per run"))
-    batch_size: int = field(default=4, metadata=_help("n: images per (virtual) worker per step"))
-    large_factor: int = field(default=32, metadata=_help(
-        "large kn / small kn, made of virtual workers (the paper's 8k / 256 = 32)"))
-    eta: float = field(default=0.02, metadata=_help("the small kn's lr (the paper's eta = 0.1 for kn = 256)"))
-    epochs: int = field(default=0, metadata=_help(
-        "epochs per run (0: the preset's); warmup and lr steps keep the paper's fractions of 90"))
-    arch: str = field(default="cifar_resnet14", metadata=_help("model (any `train --arch`)"))
-    image_size: int = field(default=16, metadata=_help("training crop and val center crop, px"))
-    val_resize: int = field(default=18, metadata=_help("val: shorter side resized to this, then center crop"))
-    min_crop_area: float = field(default=0.5, metadata=_help(
-        "scale augmentation's smallest crop (a digit needs most of itself to be told)"))
+    ranks: int = opt("Horovod ranks (real workers) per run", 2, min=1)
+    batch_size: int = opt("n: images per (virtual) worker per step", 4, min=1)
+    large_factor: int = opt("large kn / small kn, made of virtual workers (the paper's 8k / 256 = 32)", 32, min=1)
+    eta: float = opt("the small kn's lr (the paper's eta = 0.1 for kn = 256)", 0.02, above=0)
+    epochs: int = opt("epochs per run (0: the preset's); warmup and lr steps keep the paper's fractions of 90", 0,
+                      min=0)
+    arch: str = opt("model (any `train --arch`)", "cifar_resnet14")
+    image_size: int = opt("training crop and val center crop, px", 16, min=1)
+    val_resize: int = opt("val: shorter side resized to this, then center crop", 18, min=1)
+    min_crop_area: float = opt("scale augmentation's smallest crop (a digit needs most of itself to be told)", 0.5,
+                               above=0, max=1)
 
     def __post_init__(self):
-        for name in ("ranks", "batch_size", "large_factor", "image_size", "val_resize"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
-        if self.epochs < 0 or not self.eta > 0:
-            raise UserError("--epochs must be >= 0 and --eta > 0")
+        check(self)
 
     @property
     def small_kn(self) -> int:
@@ -115,19 +111,25 @@ def global_batch(setting: Setting, scale: Scale) -> int:
     return scale.large_kn if setting.large else scale.small_kn
 
 
-def train_args(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> list[str]:
-    """`hvd-imagenet train` flags for one run (each of scale.ranks ranks gets the same)."""
-    policy = lr_policy(setting, scale)
-    return [
-        "--data", data, "--output", output, "--seed", str(seed), "--epochs", str(scale.epochs),
-        "--arch", scale.arch, "--image-size", str(scale.image_size), "--val-resize", str(scale.val_resize),
-        "--min-crop-area", str(scale.min_crop_area), "--batch-size", str(scale.batch_size),
+# The `train` flags a study run sets; the rest keep train's defaults.
+RUN_FLAGS = ("data", "output", "seed", "epochs", "arch", "image_size", "val_resize", "min_crop_area", "batch_size",
+             "batches_per_allreduce", "base_lr", "ref_batch", "lr_scaling", "warmup", "warmup_epochs", "lr_steps",
+             "keep_checkpoints")
+
+
+def train_config(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> TrainConfig:
+    """The `hvd-imagenet train` config of one run (each of scale.ranks ranks gets the same)."""
+    return TrainConfig(
+        data=data, output=output, seed=seed, epochs=scale.epochs, arch=scale.arch, image_size=scale.image_size,
+        val_resize=scale.val_resize, min_crop_area=scale.min_crop_area, batch_size=scale.batch_size,
         # Virtual workers: the large kn's extra workers are backward passes per step on each rank (Sec. 2.3).
-        "--batches-per-allreduce", str(scale.large_factor if setting.large else 1),
-        "--base-lr", repr(policy.base_lr), "--ref-batch", str(policy.ref_batch), "--lr-scaling", policy.lr_scaling,
-        "--warmup", policy.warmup, "--warmup-epochs", repr(policy.warmup_epochs),
-        "--lr-steps", ",".join(map(str, policy.lr_steps)), "--keep-checkpoints", "1",
-    ]
+        batches_per_allreduce=scale.large_factor if setting.large else 1, lr=lr_policy(setting, scale),
+        keep_checkpoints=1)
+
+
+def train_args(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> list[str]:
+    """`hvd-imagenet train` flags for one run."""
+    return to_argv(train_config(setting, scale, seed, data, output), names=RUN_FLAGS)
 
 
 def peak(setting: Setting, scale: Scale) -> float:

@@ -11,15 +11,16 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..data.layout import check_layout
 from ..errors import Diverged, UserError
+from ..flags import Command, check, opt
 from ..metrics import read_metrics
-from .grid import Scale, Setting, train_args
+from .grid import PRESETS, Scale, Setting, resolve, train_args
 
 LOG_NAME = "train.log"
 
@@ -75,7 +76,7 @@ def run_all(runs: list[Run], scale: Scale, data: Path) -> None:
     todo = [run for run in runs if not finished(run, scale.epochs)]
     if len(todo) < len(runs):
         print(f"study: {len(runs) - len(todo)} of {len(runs)} runs finished earlier; running the other {len(todo)}")
-    bar = tqdm(todo, desc="study", unit="run", file=sys.stdout, dynamic_ncols=True)
+    bar = tqdm(todo, desc="study", unit="run", file=sys.stdout, dynamic_ncols=True, disable=None)  # None: TTY only
     for run in bar:
         bar.set_postfix_str(run.name)
         start = time.perf_counter()
@@ -106,3 +107,36 @@ def write_plan(runs: list[Run], scale: Scale, preset: str, command: str, output:
                             "choose a new --output")
     output.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    data: str = opt("ImageNet-layout data set (make-dataset --kind digits)")
+    output: str = opt("study directory: study.md, *.png, runs/")
+    preset: str = opt("table1: no/constant/gradual warmup at large kn vs the small-kn baseline; table2a: lr scaling "
+                      "rules; quick: baseline and gradual warmup, 3 epochs", "table1", choices=tuple(PRESETS))
+    seeds: int = opt("runs per setting (seeds 0..N-1)", 3, min=1)
+    scale: Scale = field(default_factory=Scale)
+
+    def __post_init__(self):
+        check(self)
+
+
+def run(options: StudyOptions) -> None:
+    from . import report
+
+    settings, scale = resolve(options.preset, options.scale)
+    output = Path(options.output)
+    runs = plan(settings, options.seeds, output)
+    command = "hvd-imagenet " + " ".join(sys.argv[1:])
+    write_plan(runs, scale, options.preset, command, output)
+    run_all(runs, scale, Path(options.data))
+    written = report.write_report(runs, settings, scale, options.preset, command, output)
+    print(f"study: wrote {', '.join(str(path) for path in written)}")
+
+
+COMMAND = Command(StudyOptions, run, description=(
+    "Runs a grid of `train` jobs under horovodrun (one after another; give the same command again to resume) and "
+    "writes OUTPUT/study.md with the top-1 val error of each row, mean ± std over seeds, and PNG plots. Defaults: "
+    "scikit-learn's digits (make-dataset --kind digits), cifar_resnet14, small kn = 2 ranks x n=4 = 8, large kn = "
+    "32x that by virtual workers; see hvd_imagenet/study/grid.py and the README."))
