@@ -12,8 +12,9 @@ $(VENV)/.setup-done: setup.py scripts/setup_env.sh scripts/build_horovod.sh scri
 	touch $@
 
 # A small generated data set, then ResNet-50 trained with the paper's recipe by 2 Horovod workers (Gloo) on
-# the CPU, at 64 px, in about 6 minutes on 2 cores. The recipe at toy scale: eta = 0.025 for a reference minibatch of 16,
-# linear scaling to kn = 2 x 32 = 64 (lr 0.1), gradual warmup over epoch 1, x0.1 after epoch 3.
+# the CPU, at 64 px, in a few minutes on 2 cores (epochs of ~25 s here). The recipe at toy scale: eta = 0.025
+# for a reference minibatch of 16, linear scaling to kn = 2 x 32 = 64 (lr 0.1), gradual warmup over epoch 1,
+# x0.1 after epoch 3.
 # Rank 0 prints a status line every 10 s (horovodrun's pipe is no terminal), the per-epoch table at the end;
 # the run lands in $(DEMO)/run.
 demo: setup

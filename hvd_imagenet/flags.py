@@ -38,23 +38,19 @@ def check(instance) -> None:
         value, meta = getattr(instance, f.name), f.metadata
         if value is None or not meta:
             continue
-        choices = meta.get("choices")
-        if choices is not None:
-            choices = choices() if callable(choices) else choices
-            for item in value if isinstance(value, tuple) else (value,):
-                if item not in choices:
-                    raise UserError(f"{flag_name(f.name)} must be one of {', '.join(choices)}; invalid choice: "
-                                    f"{item!r}")
-        low, above, high = meta.get("min"), meta.get("above"), meta.get("max")
-        values = value if isinstance(value, tuple) else (value,)
+        values, name, shown = value if isinstance(value, tuple) else (value,), flag_name(f.name), _show(value)
+        choices, low, above, high = meta["choices"], meta["min"], meta["above"], meta["max"]
+        wrong = [v for v in values if choices is not None and v not in choices]
+        if wrong:
+            raise UserError(f"{name} must be one of {', '.join(choices)}; invalid choice: {wrong[0]!r}")
         if low is not None and any(v < low for v in values):
-            raise UserError(f"{flag_name(f.name)} must be >= {low}, not {_show(value)}")
+            raise UserError(f"{name} must be >= {low}, not {shown}")
         if above is not None and high is not None and not all(above < v <= high for v in values):
-            raise UserError(f"{flag_name(f.name)} must be in ({above}, {high}], not {_show(value)}")
+            raise UserError(f"{name} must be in ({above}, {high}], not {shown}")
         if above is not None and any(v <= above for v in values):
-            raise UserError(f"{flag_name(f.name)} must be > {above}, not {_show(value)}")
+            raise UserError(f"{name} must be > {above}, not {shown}")
         if high is not None and any(v > high for v in values):
-            raise UserError(f"{flag_name(f.name)} must be <= {high}, not {_show(value)}")
+            raise UserError(f"{name} must be <= {high}, not {shown}")
 
 
 def _show(value) -> str:

@@ -69,13 +69,10 @@ class TrainBenchOptions:
 
     def train_config(self) -> TrainConfig:
         """The training config of one rank's run (one --compression), from the flags the two share."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)
-                  if f.name in _FIELDS and f.name not in ("compression", "lr")}
+        mine = {f.name for f in dataclasses.fields(self)} - {"compression"}  # one of them per run
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig) if f.name in mine}
         return TrainConfig(**shared, output="(bench-train writes nothing)", val_resize=self.image_size,
                            compression=self.compression[0], workers=self.threads, dali_threads=self.threads)
-
-
-_FIELDS = {f.name for f in dataclasses.fields(TrainBenchOptions)}
 
 
 def start_ranks(backend: str, config: TrainConfig, threads: int) -> DistContext:
