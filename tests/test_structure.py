@@ -134,3 +134,22 @@ def test_status_lines_under_a_launcher():
     assert lines[0] == "epoch 2/4: steps 1-3 of 3, kn=64"
     assert len(lines) == 4 and lines[-1].startswith("epoch 2/4 step 3/3 | loss 2.500 | lr 0.1 | ")
     assert "epoch ETA 0:00:00 | run ETA" in lines[-1]
+
+
+def test_rank_files_go_with_their_checkpoint(tmp_path):
+    """Per-rank state (PowerSGD's error memory) sits beside its checkpoint and is deleted with it when
+    --keep-checkpoints drops that checkpoint; load_rank_file names a missing one."""
+    from hvd_imagenet import checkpoint
+
+    state = {"model": {}, "optimizer": {}, "epoch": 1, "step": 6, "step_in_epoch": 0, "images_done": 0,
+             "partial": None, "config": {}}
+    for epoch in (1, 2):
+        path = checkpoint.path_for(tmp_path, epoch, 0)
+        for rank in (0, 1):
+            checkpoint.write_atomic(checkpoint.rank_file(path, rank), {"errors": {0: torch.full((2,), rank)}})
+        checkpoint.save(tmp_path, {**state, "epoch": epoch}, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002.pt", "epoch-0002.rank00000.pt",
+                                                          "epoch-0002.rank00001.pt"]
+    assert torch.equal(checkpoint.load_rank_file(path, 1)["errors"][0], torch.full((2,), 1))
+    with pytest.raises(UserError, match="epoch-0002.rank00002.pt is missing"):
+        checkpoint.load_rank_file(path, 2)
