@@ -145,3 +145,17 @@ def test_powersgd_resume_equals_uninterrupted(tiny_data, tmp_path):
     wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
     wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[name], wb[name]) for name in wa)
+
+
+def test_powersgd_resume_on_another_world_size_starts_its_error_memory_empty(tiny_data, tmp_path):
+    """2 ranks' error memories do not map onto 1 rank: with --allow-resize the run goes on, says so, and
+    PowerSGD starts afresh (its checkpoint then holds the one rank's file)."""
+    output = tmp_path / "run"
+    train = ["--data", tiny_data, "--output", output, "--loader", "torchvision", "--compression", "powersgd",
+             "--powersgd-start-step", "0", *TINY_TRAIN]
+    run_horovod("--epochs", "1", *train)
+    result = run_horovod("--epochs", "2", "--resume", "--allow-resize", *train, np=1)
+    assert "PowerSGD's error memory was kept by 2 ranks; on 1 it starts empty" in result.stdout
+    assert [(r["epoch"], r["world_size"]) for r in read_jsonl(output / "metrics.jsonl")] == [(1, 2), (2, 1)]
+    assert (output / "checkpoints" / "epoch-0002.rank00000.pt").exists()
+    assert not (output / "checkpoints" / "epoch-0002.rank00001.pt").exists()
