@@ -114,8 +114,7 @@ class PhaseClock:
 
     def __init__(self, device: torch.device, absent: tuple[str, ...] = ()):
         self.device, self.absent = device, absent
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.last = self.now()
+        self.start()
 
     def now(self) -> float:
         if self.device.type == "cuda":

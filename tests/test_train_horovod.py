@@ -64,6 +64,18 @@ def test_mpi_fp16_virtual_workers(tiny_data, tmp_path):
     assert state["step"] == 3  # 6 micro-batches per rank / 2 per step
 
 
+def assert_epoch_2_equal(whole: Path, split: Path) -> None:
+    """A run resumed after epoch 1 (`split`) ends epoch 2 as the uninterrupted run (`whole`): the same metrics
+    and the same weights, bit for bit."""
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert len(a) == len(b) == 2
+    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "weights_digests"):
+        assert a[1][key] == b[1][key], key
+    wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)
+
+
 @pytest.mark.parametrize("loader", ["dali", "torchvision"])
 def test_resume_equals_uninterrupted(tiny_data, tmp_path, loader):
     """Stop after epoch 1, resume for epoch 2: the same metrics and weights as one 2-epoch run (CPU). The
@@ -74,13 +86,7 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, loader):
     run_horovod("--output", split, "--epochs", "1", *train)
     result = run_horovod("--output", split, "--epochs", "2", "--resume", *train)
     assert "continuing from" in result.stdout
-    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
-    assert len(a) == len(b) == 2
-    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "weights_digests"):
-        assert a[1][key] == b[1][key], key
-    wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
-    wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
-    assert all(torch.equal(wa[name], wb[name]) for name in wa)
+    assert_epoch_2_equal(whole, split)
 
 
 def test_dali_run_with_odd_files_and_a_file_list(tiny_data, tmp_path):
@@ -139,12 +145,7 @@ def test_powersgd_resume_equals_uninterrupted(tiny_data, tmp_path):
     assert errors[0] and any(not torch.equal(errors[0][i], errors[1][i]) for i in errors[0])  # per rank
     result = run_horovod("--output", split, "--epochs", "2", "--resume", *train, timeout=240)
     assert "continuing from" in result.stdout
-    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
-    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "weights_digests"):
-        assert a[1][key] == b[1][key], key
-    wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
-    wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
-    assert all(torch.equal(wa[name], wb[name]) for name in wa)
+    assert_epoch_2_equal(whole, split)
 
 
 def test_powersgd_resume_on_another_world_size_starts_its_error_memory_empty(tiny_data, tmp_path):
