@@ -1,10 +1,11 @@
 # The README's two commands: `make demo` and `make test`. Both run `make setup` first (idempotent).
+# `make gpu-check`: on a GPU machine, its own set-up, the GPU tests and benchmarks (docs/gpu-check.md).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO ?= demo-run
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test gpu-check clean
 setup: $(VENV)/.setup-done
 
 $(VENV)/.setup-done: setup.py scripts/setup_env.sh scripts/build_horovod.sh scripts/versions.env scripts/*.patch
@@ -27,6 +28,10 @@ demo: setup
 
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests
+
+# Offline, with the bundle of `scripts/gpu_check.sh bundle` in .gpu-check/; results in benchmarks/results/.
+gpu-check:
+	bash scripts/gpu_check.sh all
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

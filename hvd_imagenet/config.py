@@ -79,8 +79,8 @@ class TrainConfig:
     seed: int = opt("seed for init, shuffling and augmentation", 0)
     max_steps_per_epoch: int = opt("cap on optimizer steps per epoch (0: no cap)", 0, min=0)
     channels_last: bool = opt(
-        "NHWC (channels_last) image batches: convolutions follow the input's format. The weights stay "
-        "contiguous: Horovod allreduces only contiguous tensors (horovod#3491)", False)
+        "NHWC (channels_last) weights and image batches: cuDNN's tensor-core convolutions work in NHWC, so "
+        "no layout conversions (our Horovod patch allreduces dense NHWC gradients; docs/communication.md)", False)
     loader: str = opt(f"input pipeline: {', '.join(LOADERS)} (dali when installed)", default_factory=default_loader,
                       choices=tuple(LOADERS))
     file_list: str = opt("only these files (`check-data --write-file-list`)", "")

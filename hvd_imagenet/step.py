@@ -6,8 +6,11 @@ and `bench-train` times (NVIDIA DLE's train_step, apart from the loop).
     (--max-grad-norm) -> the finite check -> step, or skip with the BN statistics restored
 
 A step returns what happened; the trainer decides what a skipped step means (skip on, or stop the run).
-Host synchronizations, each marked `# host sync` where it is: the finite check's bool() (fp32, amp-bf16) or
-GradScaler's get_scale() twice (amp-fp16), and Horovod's synchronize(). Nothing else here waits for a GPU.
+Host synchronizations, each marked `# host sync` where it is: Horovod's synchronize(), and one of our own, the
+finite check (whether the step is applied decides what the host does next); under amp-fp16 also GradScaler's
+own check in step(), which finds the device idle after ours. host_sync.py counts them (tests/test_host_syncs.py
+holds the step to host_sync.SYNC_BUDGET). Everything else stays on the device: the metric sums, the loss, the
+BN snapshot (two fused copies a step, one per dtype).
 """
 from __future__ import annotations
 
@@ -43,13 +46,14 @@ class TrainStep:
         self.model, self.optimizer, self.scaler, self.autocast = model, optimizer, scaler, autocast
         self.micro_batches, self.max_grad_norm, self.on_phase = micro_batches, max_grad_norm, on_phase
         self.criterion = torch.nn.CrossEntropyLoss()
-        self.bn_stats = running_stats(model) if restore_bn else []
+        self.bn = BNSnapshot(model) if restore_bn else None
 
     def __call__(self, batches: Iterator, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch 2 defaults to it
-        bn_before = [buffer.clone() for buffer in self.bn_stats]
+        if self.bn is not None:
+            self.bn.take()
         sums = 0
         for _ in range(self.micro_batches):
             images, target = next(batches)
@@ -66,25 +70,28 @@ class TrainStep:
         self.optimizer.synchronize()  # Horovod: host sync; the gradients averaged over all ranks are in .grad now
         self._phase("allreduce_wait")
         self.scaler.unscale_(self.optimizer)  # amp-fp16: true gradients again, before clipping and the step
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        applied = self._apply()
-        if not applied:  # as if the step had not been: BN statistics as before (the weights were not touched)
-            for buffer, before in zip(self.bn_stats, bn_before):
-                buffer.copy_(before)
+        norm = None
+        if self.max_grad_norm:  # the total L2 norm before clipping, on the device: the finite check reuses it
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        applied = self._apply(norm)
+        if not applied and self.bn is not None:  # as if the step had not been: BN statistics as before (weights untouched)
+            self.bn.restore()
         self._phase("optimizer")
         return StepResult(applied, sums, loss)
 
-    def _apply(self) -> bool:
+    def _apply(self, norm: torch.Tensor | None) -> bool:
         """The optimizer step with the averaged gradients if they are finite; whether it was taken. Every rank
         reaches the same verdict: they hold the same averages."""
         with self.optimizer.skip_synchronize():  # Horovod: already synchronized
-            if self.scaler.is_enabled():  # GradScaler steps unless unscale_ found NaN/inf, then halves the scale
-                scale = self.scaler.get_scale()  # host sync
+            if self.scaler.is_enabled():
+                # unscale_ left one NaN/inf flag per device on the device; GradScaler's step() reads the same
+                # flags (its own sync, now on an idle device), steps or skips, and update() halves the scale.
+                found = sum(self.scaler._found_inf_per_device(self.optimizer).values())
+                applied = not found.item()  # host sync: the step's one
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                return self.scaler.get_scale() >= scale  # host sync
-            if not gradients_finite(self.model):  # host sync
+                return applied
+            if not gradients_finite(self.model, norm):  # host sync: the step's one
                 return False
             self.optimizer.step()
             return True
@@ -94,17 +101,38 @@ class TrainStep:
             self.on_phase(name)
 
 
-def running_stats(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The BN buffers that a forward pass in train mode updates, whatever becomes of the step."""
-    return [buffer for name, buffer in model.named_buffers()
-            if name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+class BNSnapshot:
+    """A copy of the BN buffers that a forward pass in train mode updates whatever becomes of the step
+    (running mean and var, batches tracked), kept in buffers allocated once: take() and restore() are one
+    fused multi-tensor copy per dtype (float statistics, int64 counts), not one kernel per buffer."""
+
+    def __init__(self, model: torch.nn.Module):
+        live = [buffer for name, buffer in model.named_buffers()
+                if name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in live:
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        self.groups = [(buffers, [b.clone() for b in buffers]) for buffers in by_dtype.values()]
+
+    def take(self) -> None:
+        for buffers, saved in self.groups:
+            torch._foreach_copy_(saved, buffers)
+
+    def restore(self) -> None:
+        for buffers, saved in self.groups:
+            torch._foreach_copy_(buffers, saved)
 
 
-def gradients_finite(model: torch.nn.Module) -> bool:
-    """Whether every gradient entry is finite. After the allreduce a NaN or inf from any rank's loss is in
-    every rank's averaged gradients, so all ranks reach the same verdict without another collective."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return bool(torch.stack([g.abs().amax() for g in grads]).isfinite().all())  # host sync, as GradScaler's
+def gradients_finite(model: torch.nn.Module, norm: torch.Tensor | None = None) -> bool:
+    """Whether every gradient entry is finite, from their total L2 norm (`norm` when clipping computed it):
+    NaN and inf carry through the sums of squares. A few fused kernels (torch's foreach norm), not two per
+    tensor. A norm that overflows float32 (entries near 1e19) counts as non-finite too: divergence all the same.
+    After the allreduce a NaN or inf from any rank's loss is in every rank's averaged gradients, so all ranks
+    reach the same verdict without another collective."""
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None],
+                                             foreach=True)
+    return bool(norm.isfinite())  # host sync, as GradScaler's
 
 
 class PhaseClock:

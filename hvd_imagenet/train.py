@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, comm
+from . import checkpoint, comm, gpu
 from .checkpoint import Checkpoint, Progress
 from .config import TrainConfig
 from .context import DistContext
@@ -91,6 +91,8 @@ def build_training(config: TrainConfig, num_classes: int, device: torch.device):
     by Horovod for --compression, and the loss scaler (amp-fp16: fp16's narrow range needs it)."""
     torch.manual_seed(config.seed)
     model = build_model(config.arch, num_classes, config.zero_init_residual).to(device)
+    if config.channels_last:  # NHWC weights as well as batches: no layout conversion at any convolution
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(  # lr 0 until the schedule sets it at the first step
         parameter_groups(model, config.weight_decay, config.bn_weight_decay),
         lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
@@ -100,6 +102,15 @@ def build_training(config: TrainConfig, num_classes: int, device: torch.device):
         comm.PowerSGDSettings(rank=config.powersgd_rank, start_step=config.powersgd_start_step, seed=config.seed))
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "amp-fp16")
     return model, optimizer, scaler
+
+
+def build_step(config: TrainConfig, model, optimizer, scaler, device: torch.device, on_phase=None) -> TrainStep:
+    """The optimizer step `train` runs (and bench-train times): config.batches_per_allreduce micro-batches,
+    autocast for --precision; the BN statistics kept to restore when a step is skipped (--skip-nonfinite, and
+    amp-fp16's overflow skips)."""
+    return TrainStep(model, optimizer, scaler, autocast(config.precision, device), config.batches_per_allreduce,
+                     config.max_grad_norm, restore_bn=config.skip_nonfinite or scaler.is_enabled(),
+                     on_phase=on_phase)
 
 
 @dataclass(frozen=True)
@@ -137,9 +148,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, model, optimizer, scaler, world: World, checkpoints: Path,
                  output: Path, stop: "StopRequest", epochs_done: int):
         self.config, self.model, self.optimizer, self.scaler, self.world = config, model, optimizer, scaler, world
-        self.autocast = autocast(config.precision, world.ctx.device)
-        self.step = TrainStep(model, optimizer, scaler, self.autocast, config.batches_per_allreduce,
-                              config.max_grad_norm, restore_bn=config.skip_nonfinite or scaler.is_enabled())
+        self.step = build_step(config, model, optimizer, scaler, world.ctx.device)
         self.checkpoints, self.output, self.stop = checkpoints, output, stop
         self.writer = self.open_writer(epochs_done)
         self.describe()
@@ -163,6 +172,8 @@ class Trainer:
                  config.arch, w.ctx.size, w.ctx.device.type, config.batch_size, w.global_batch,
                  peak_lr(config.lr, w.global_batch), w.steps_per_epoch)
         log.info("input: %s", w.loaders.description)
+        if w.ctx.device.type == "cuda":
+            log.info("GPU: %s", gpu.describe(w.ctx.device))
 
     def rejoin(self) -> None:
         """Elastic reset callback: the ranks changed. New shards, global batch and so lr (linear scaling rule,
@@ -194,7 +205,8 @@ class Trainer:
                 progress, state.epoch * self.world.steps_per_epoch + step_in_epoch, step_in_epoch,
                 self.model.state_dict(), self.optimizer.state_dict(), self.scaler.state_dict(),
                 self.resolved_config(),
-                {"name": self.config.compression, "ranks": self.world.ctx.size} if rank_state is not None else {},
+                {"name": self.config.compression, "ranks": self.world.ctx.size,
+                 "channels_last": self.config.channels_last} if rank_state is not None else {},
             ).to_state(), keep=self.config.keep_checkpoints)
         return path
 
@@ -299,7 +311,7 @@ class Trainer:
         w, epoch = self.world, state.epoch
         train = summarize(state.sums)
         comm.average_bn_statistics(self.model)
-        val = evaluate(self.model, self.step.criterion, w.loaders.val, w.ctx.device, self.autocast)
+        val = evaluate(self.model, self.step.criterion, w.loaders.val, w.ctx.device, self.step.autocast)
         digests = comm.gather_digests(weights_digest(self.model))  # every rank must hold the same model
         if len(set(digests)) > 1:
             log.warning("epoch %d: ranks hold different weights (digests %s)", epoch + 1, digests)
@@ -393,7 +405,7 @@ def resume(config: TrainConfig, checkpoints: Path, model, optimizer, scaler, wor
     if outcome["error"]:
         raise UserError(outcome["error"])
     if outcome["compressor"] and comm.compressor_state(optimizer) is not None:
-        restore_compressor(optimizer, Path(outcome["path"]), outcome["compressor"], world.ctx)
+        restore_compressor(optimizer, Path(outcome["path"]), outcome["compressor"], world.ctx, config.channels_last)
     return Progress(**outcome["progress"]) if outcome["progress"] else Progress()
 
 
@@ -415,13 +427,19 @@ def load_newest(config: TrainConfig, checkpoints: Path, model, optimizer, scaler
     return path, saved
 
 
-def restore_compressor(optimizer, path: Path, saved: dict, ctx: DistContext) -> None:
+def restore_compressor(optimizer, path: Path, saved: dict, ctx: DistContext, channels_last: bool) -> None:
     """This rank's PowerSGD state (error memory, Q) from its file beside the checkpoint. After a resize the
-    ranks' error memories do not map to the new ranks: they start empty, as at the first step."""
+    ranks' error memories do not map to the new ranks, nor after a change of --channels-last (its matrices'
+    columns are in memory order): they start empty, as at the first step."""
     if saved["ranks"] != ctx.size:
         if ctx.is_primary:
             log.warning("--allow-resize: PowerSGD's error memory was kept by %d ranks; on %d it starts empty",
                         saved["ranks"], ctx.size)
+        return
+    if saved.get("channels_last", False) != channels_last:
+        if ctx.is_primary:
+            log.warning("PowerSGD's error memory was kept with --channels-last %s; it starts empty",
+                        "on" if saved.get("channels_last") else "off")
         return
     comm.load_compressor_state(optimizer, checkpoint.load_rank_file(path, ctx.rank))
 

@@ -1,5 +1,6 @@
 """docker/Dockerfile without a Docker engine: hadolint clean, and the versions it pins are the ones
 `make setup` installs (scripts/versions.env), so the image runs what the tests ran."""
+import os
 import re
 import shutil
 import subprocess
@@ -81,3 +82,87 @@ def test_copied_sources_exist_and_are_not_ignored(source):
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert source.rstrip("/") not in [pattern.rstrip("/") for pattern in ignored]
+
+
+# The python one-liners of the image build that need no GPU, run against the venv `make setup` built (the same
+# pinned torch, DALI and NCCL): a `python -c` that fails here fails `docker build` too.
+IMAGE_BUILD_SCRIPTS = [DOCKERFILE, ROOT / "scripts" / "build_horovod.sh"]
+ONE_LINER = re.compile(r"""(?:python3?|"?\$py"?)\s+-c\s+(['"])(.+?)\1""")
+
+
+def one_liners() -> list[tuple[str, str]]:
+    return [(path.name, match.group(2)) for path in IMAGE_BUILD_SCRIPTS
+            for match in ONE_LINER.finditer(path.read_text())]
+
+
+def test_the_image_build_has_one_liners_to_check():
+    codes = [code for _, code in one_liners()]
+    assert any("nvidia.nccl" in code for code in codes)  # where Horovod's GPU build finds NCCL
+    assert len(codes) >= 4
+
+
+@pytest.mark.parametrize("source, code", one_liners())
+def test_python_one_liner_of_the_image_build_runs(source, code):
+    done = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{source}: python -c {code!r} failed:\n{done.stderr[-2000:]}"
+    if "nvidia.nccl" in code:  # what Horovod's CMake is pointed at (HOROVOD_NCCL_HOME)
+        home = Path(done.stdout.strip())
+        assert (home / "include" / "nccl.h").is_file() and (home / "lib" / "libnccl.so.2").is_file(), home
+
+
+# /etc files of the runtime base image (nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04, like every Ubuntu 24.04
+# image), as far as users go: root, nobody, and `ubuntu` holding uid and gid 1000.
+UBUNTU_2404 = {
+    "passwd": "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+              "ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash\n",
+    "group": "root:x:0:\nnogroup:x:65534:\nubuntu:x:1000:\n",
+    "shadow": "root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\nubuntu:!:19000:0:99999:7:::\n",
+    "gshadow": "root:*::\nnogroup:*::\nubuntu:!::\n",
+}
+USER_TOOLS = ("useradd", "userdel", "usermod", "groupadd", "groupdel", "groupmod")
+
+
+@pytest.fixture
+def base_image_root(tmp_path) -> Path:
+    """A directory with the base image's user files, and shims that make the shadow tools (and getent) work
+    on it instead of this machine's /etc (their --prefix)."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for name, text in UBUNTU_2404.items():
+        (root / "etc" / name).write_text(text)
+    shutil.copy("/etc/login.defs", root / "etc")  # Debian's, as Ubuntu's: USERGROUPS_ENAB yes
+    (root / "home" / "ubuntu").mkdir(parents=True)
+    os.chown(root / "home" / "ubuntu", 1000, 1000)
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for tool in USER_TOOLS:
+        (shims / tool).write_text(f'#!/bin/sh\nexec {shutil.which(tool)} --prefix "{root}" "$@"\n')
+    (shims / "getent").write_text(f'#!/bin/sh\ngrep "^$2:" "{root}/etc/$1"\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    return root
+
+
+def run_in(root: Path, script: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{root.parent / 'shims'}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"), reason="needs root and the shadow tools")
+def test_runtime_user_is_created_on_the_ubuntu_2404_base(base_image_root):
+    """The runtime stage's user line, run against the base image's /etc: it must make uid 1000 the user that
+    USER names. (The old `useradd --create-home --uid 1000 trainer` fails there: UID 1000 is not unique.)"""
+    assert run_in(base_image_root, "useradd --create-home --uid 1000 trainer").returncode != 0  # the old line
+    runtime = instructions()[[name for name, _ in instructions()].index("FROM", 1):]
+    user_lines = [arg for name, arg in runtime if name == "RUN" and "useradd" in arg]
+    assert len(user_lines) == 1
+    # Only the commands of that RUN that manage users run here (never its apt-get or anything else).
+    commands = [part.strip() for part in user_lines[0].split("&&")
+                if re.search(rf"\b({'|'.join(USER_TOOLS)}|getent)\b", part)]
+    done = run_in(base_image_root, " && ".join(commands))
+    assert done.returncode == 0, f"{commands}: {done.stderr}"
+    passwd = {line.split(":")[0]: line.split(":") for line in (base_image_root / "etc" / "passwd").read_text().split()}
+    assert "ubuntu" not in passwd and passwd["trainer"][2:4] == ["1000", "1000"]
+    assert (base_image_root / "home" / "trainer").stat().st_uid == 1000
+    user = [arg for name, arg in runtime if name == "USER"][-1]
+    assert user in ("trainer", "1000", "1000:1000")

@@ -50,14 +50,18 @@ def test_weights_digest_sees_any_change():
     assert weights_digest(model) != before
 
 
-def test_channels_last_batches_keep_weights_and_gradients_contiguous():
-    """--channels-last converts the batches only: the convolutions follow the input's NHWC format, while
-    parameters and their gradients stay contiguous, which Horovod's allreduce and broadcast require."""
-    model = build_model("resnet18", num_classes=4, zero_init_residual=True)
+def test_channels_last_model_keeps_weights_and_gradients_in_nhwc():
+    """--channels-last puts the model in NHWC (as train.build_training does): every 4-D weight and its gradient
+    are dense in channels_last, which our Horovod patch allreduces and broadcasts; 1-D ones are unchanged."""
+    model = build_model("resnet18", num_classes=4, zero_init_residual=True).to(memory_format=torch.channels_last)
     images = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     assert model.layer1(model.maxpool(model.conv1(images))).is_contiguous(memory_format=torch.channels_last)
     model(images).sum().backward()
-    assert all(p.is_contiguous() and p.grad.is_contiguous() for p in model.parameters())
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                           for p in weights if p.shape[2:] != (1, 1))  # a 1x1 kernel is both layouts at once
+    assert all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert all(p.is_contiguous() for p in model.parameters() if p.dim() < 4)
 
 
 def test_small_image_resnets_have_he_et_al_sizes_and_zero_init():

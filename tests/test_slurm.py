@@ -119,10 +119,10 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(slurm, tiny_data, tmp_
 
 
 STUB = """#!/bin/bash
-# Stands in for hvd-imagenet: reports where SLURM placed this task and which GPU the trainer would take
-# (comm.init: cuda:<local rank> among the GPUs the task sees).
+# Stands in for hvd-imagenet: reports where SLURM placed this task, which GPU the trainer would take
+# (comm.init: cuda:<local rank> among the GPUs the task sees) and the CPUs per task srun was asked for.
 IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
-echo "TASK $SLURMD_NODENAME $SLURM_LOCALID $SLURM_PROCID ${gpus[$SLURM_LOCALID]} $SLURM_NTASKS"
+echo "TASK $SLURMD_NODENAME $SLURM_LOCALID $SLURM_PROCID ${gpus[$SLURM_LOCALID]} $SLURM_NTASKS ${SRUN_CPUS_PER_TASK:-unset}"
 """
 
 
@@ -141,12 +141,15 @@ def submit_unmodified(cluster: LocalSlurm, script: str, workdir: Path, stub: Pat
 
 
 def placements(log: str, tasks: int) -> dict[str, list[tuple[int, int]]]:
-    """node -> sorted (local rank, GPU) of its tasks, after checking the global ranks and task count."""
+    """node -> sorted (local rank, GPU) of its tasks, after checking the global ranks and task count, and
+    that srun passed the header's --cpus-per-task=12 on to every task (SLURM >= 22.05 does not by itself; this
+    SLURM binds no CPUs, task/none, so the export is what can be seen here)."""
     reports = [line.split()[1:] for line in log.splitlines() if line.startswith("TASK ")]
     assert len(reports) == tasks and all(r[4] == str(tasks) for r in reports)
     assert sorted(int(r[2]) for r in reports) == list(range(tasks))  # global ranks, each once
+    assert {r[5] for r in reports} == {"12"}
     nodes: dict[str, list[tuple[int, int]]] = {}
-    for node, local, _, gpu, _ in reports:
+    for node, local, _, gpu, _, _ in reports:
         nodes.setdefault(node, []).append((int(local), int(gpu)))
     return {node: sorted(pairs) for node, pairs in nodes.items()}
 
@@ -174,3 +177,39 @@ def test_unmodified_headers_place_tasks_on_emulated_gpu_nodes(tmp_path):
     nodes = placements(single, 8)
     assert len(nodes) == 1 and list(nodes.values())[0] == [(i, i) for i in range(8)]
     assert "1 nodes x 8 tasks" in single
+
+
+APPTAINER = """#!/bin/bash
+# Stands in for apptainer: prints the directories the container would see (--bind), then runs the command
+# on the host.
+shift  # exec
+while [ "$1" = --nv ] || [ "$1" = --bind ]; do
+  if [ "$1" = --bind ]; then echo "BIND $2"; shift; fi
+  shift
+done
+shift  # the image
+exec "$@"
+"""
+
+
+def test_a_container_job_mounts_every_directory_it_writes(slurm, tmp_path):
+    """CONTAINER_RUNTIME=apptainer with OUTPUT_DIR and CHECKPOINT_DIR outside the submit directory: both are
+    bound into the container (else checkpoints would be written inside it and lost), the data read-only."""
+    for name, text in (("apptainer", APPTAINER), ("stub.sh", STUB)):
+        (tmp_path / "bin").mkdir(exist_ok=True)
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    workdir, data = tmp_path / "repo", tmp_path / "data"
+    workdir.mkdir()
+    data.mkdir()
+    output, checkpoints = tmp_path / "out" / "run", tmp_path / "fast" / "ckpt"
+    env = {**cli_env(), **slurm.env, "PATH": f"{tmp_path / 'bin'}:{cli_env()['PATH']}",
+           "HVD_IMAGENET": str(tmp_path / "bin" / "stub.sh"), "DATA_DIR": str(data), "OUTPUT_DIR": str(output),
+           "CHECKPOINT_DIR": str(checkpoints), "CONTAINER_RUNTIME": "apptainer", "CONTAINER_IMAGE": "image.sif"}
+    result = subprocess.run(["sbatch", "--wait", "--parsable", f"--output={tmp_path}/%j.out", *ONE_CPU_NODE,
+                             str(SBATCH)], capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
+    log = job_log(tmp_path, result.stdout.strip().split(";")[0])
+    assert result.returncode == 0, result.stderr + log
+    binds = {line.split()[1] for line in log.splitlines() if line.startswith("BIND ")}
+    assert binds == {f"{data}:{data}:ro", str(workdir), str(output), str(checkpoints)}, log
+    assert len([line for line in log.splitlines() if line.startswith("TASK ")]) == 2

@@ -31,8 +31,8 @@ def parse_back(cls, argv):
 @pytest.mark.parametrize("instance", [
     TrainConfig(output="o", loader="synthetic", epochs=7, nesterov=False, min_crop_area=0.3, compression="fp16",
                 lr=LRPolicy(base_lr=0.0125, lr_steps=(2, 5), warmup="constant", warmup_epochs=1.5)),
-    TrainBenchOptions(np=(2, 4), backend=("ddp",), compression=("none", "powersgd"), channels_last=True,
-                      cycle_time_ms=2.5, launch=LaunchOptions(controller="mpi")),
+    TrainBenchOptions(np=(2, 4), backend=("ddp",), compression=("none", "powersgd"), layout=("nhwc",),
+                      precision=("amp-bf16", "fp32"), cycle_time_ms=2.5, launch=LaunchOptions(controller="mpi")),
     StudyOptions(data="d", output="o", preset="quick", seeds=2, scale=Scale(eta=0.05, large_factor=8)),
     ScalingOptions(cluster=Cluster(overlap=0.5, nics_per_node=4), nodes=(1, 32), compression=("fp16",)),
 ], ids=["train", "bench-train", "study", "scaling-model"])
@@ -118,6 +118,29 @@ def test_the_step_skips_nonfinite_gradients_and_restores_bn():
     assert result.applied and result.sums[3].item() == 4  # 4 images counted over the two micro-batches
     assert not torch.equal(before["0.weight"], model.state_dict()["0.weight"])
     assert set(clock.seconds) == set(PHASES) and all(s > 0 for s in clock.seconds.values())
+
+
+def test_an_amp_fp16_overflow_skips_the_step_restores_bn_and_halves_the_scale():
+    """amp-fp16: a NaN in a batch makes unscale_ flag the gradients; the step says so (from the flags, its one
+    host sync), GradScaler skips it and halves the scale, and the BN statistics are as before."""
+    from hvd_imagenet.precision import autocast
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5))
+    model(torch.zeros(2, 3, 8, 8))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    step = TrainStep(model, LocalOptimizer(model.parameters(), lr=0.1), scaler,
+                     autocast("amp-fp16", torch.device("cpu")), micro_batches=1, restore_bn=True)
+    images, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not step(iter([(bad, labels)]), lr=0.1).applied
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert scaler.get_scale() == 512.0
+    assert step(iter([(images, labels)]), lr=0.1).applied
+    assert not torch.equal(before["0.weight"], model.state_dict()["0.weight"])
 
 
 def test_status_lines_under_a_launcher():

@@ -11,7 +11,6 @@ and orthogonalization, its wire bytes are the P and Q factors and the uncompress
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from .. import comm
 from ..compression import COMPRESSIONS
 from ..config import train_default
 from ..context import DistContext
+from ..cpus import available_cpus
 from ..errors import UserError
 from ..flags import Command, check, opt
 from . import launch
@@ -144,7 +144,7 @@ def run(options: AllreduceBenchOptions) -> None:
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({available_cpus()} cores)"
 
 
 def format_report(report: dict) -> str:

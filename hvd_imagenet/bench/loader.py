@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from ..context import DistContext
 from ..config import TrainConfig
+from ..context import DistContext
+from ..cpus import available_cpus
 from ..data import DALI_DEVICES, FILE_LOADERS, build_loaders
 from ..data.layout import check_layout
 from ..flags import Command, check, opt
+from ..gpu import rank_device
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -144,7 +146,8 @@ class LoaderBenchOptions:
     image_size: int = opt("training crop, px", 224, min=1)
     epochs: int = opt("timed epochs per repeat, after one untimed", 2, min=1)
     repeats: int = opt("the table shows the median over repeats", 3, min=1)
-    threads: int = opt("DALI threads and DataLoader workers alike", default_factory=os.cpu_count, min=1)
+    threads: int = opt("DALI threads and DataLoader workers alike (default: the CPUs this process may use)",
+                       default_factory=available_cpus, min=1)
     dali_device: str = opt("DALI decode: gpu (nvJPEG, mixed), cpu, or auto", "auto", choices=DALI_DEVICES)
     dali_prefetch: int = opt("DALI batches decoded ahead of the one in use", 2, min=1)
     json: bool = opt("the report as JSON", False)
@@ -156,9 +159,7 @@ class LoaderBenchOptions:
 def bench_loaders(options: LoaderBenchOptions) -> dict:
     data = Path(options.data)
     check_layout(data)
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = rank_device(0)
     ctx = DistContext(rank=0, local_rank=0, size=1, local_size=1, device=device)
     runs: dict[str, list[Measurement]] = {name: [] for name in options.loader}
     for _ in range(options.repeats):  # interleaved, so a slow moment of the machine hits every loader alike
@@ -175,7 +176,7 @@ def bench_loaders(options: LoaderBenchOptions) -> dict:
         result["ratio"] = result["images_per_sec"] / baseline
     return {
         "benchmark": "bench-loader", "data": str(data), "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)", "batch_size": options.batch_size,
+        if device.type == "cuda" else f"CPU ({available_cpus()} cores)", "batch_size": options.batch_size,
         "image_size": options.image_size, "threads": options.threads, "epochs": options.epochs,
         "repeats": options.repeats, "results": results,
     }

@@ -189,10 +189,16 @@ class ScalingOptions:
 
 
 def cluster_from_bench(cluster: Cluster, path: str) -> Cluster:
-    """n and the 1-GPU step time (median) of a bench-train --json result's 1-rank runs."""
-    runs = [r for r in json.loads(Path(path).read_text())["runs"] if r["ranks"] == 1]
-    if not runs:
+    """n and the 1-GPU step time of a bench-train --json result: the median over the 1-rank runs of its fastest
+    case (precision, layout, ...; the one a job would run)."""
+    cases: dict[tuple, list[dict]] = {}
+    for run in json.loads(Path(path).read_text())["runs"]:
+        if run["ranks"] == 1:
+            cases.setdefault(tuple(run.get(k) for k in ("backend", "compression", "precision", "layout")),
+                             []).append(run)
+    if not cases:
         raise UserError(f"--from-bench {path}: no 1-rank run in it (bench-train --np 1)")
+    runs = min(cases.values(), key=lambda group: statistics.median(r["step_seconds"] for r in group))
     return dataclasses.replace(cluster, step_time_ms=1000 * statistics.median(r["step_seconds"] for r in runs),
                                batch_size=runs[0]["batch_size"])
 

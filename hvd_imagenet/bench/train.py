@@ -10,25 +10,31 @@ synchronize, unscale, clipping, the finite check, the step), with a clock at eac
                   (PowerSGD: all of its compression and its allreduces, which start after backprop)
   optimizer       unscale, the finite check (or GradScaler's) and the SGD step
 On each rank: `warmup` untimed steps, then `steps` timed ones. On a GPU each boundary synchronizes the device
-(a small cost, the same for both backends). Rank 0 reports the median of each phase; img/s per worker is n /
-median step time.
+(a small cost, the same for both backends). Rank 0 reports the median of each phase; img/s per worker is
+n x batches-per-allreduce / median step time. With --count-syncs N, N more steps run without the clock and
+count the step's host synchronizations by call site (host_sync.py: CUDA's sync debug mode on a GPU, the
+syncing torch operations elsewhere), against the budget of one per step.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import statistics
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import host_sync
 from ..compression import COMPRESSIONS
 from ..config import HOROVOD_DEFAULTS, TrainConfig, train_default
 from ..context import DistContext
+from ..cpus import available_cpus, cpus_per_rank
 from ..data import LOADERS, build_loaders
 from ..errors import UserError
 from ..flags import Command, check, opt
+from ..gpu import rank_device
 from ..model import build_model, parameter_groups
 from ..precision import PRECISIONS, autocast
 from ..step import PHASES, PhaseClock, TrainStep
@@ -36,6 +42,8 @@ from . import launch
 from .launch import LaunchOptions, launcher_rank_and_size
 
 BACKENDS = ("horovod", "ddp")
+LAYOUTS = ("nchw", "nhwc")  # nhwc: train --channels-last (weights and batches in channels_last)
+CASE = ("backend", "compression", "precision", "layout")  # what a row is, beside its ranks
 
 
 @dataclass(frozen=True)
@@ -46,11 +54,13 @@ class TrainBenchOptions:
                                        choices=tuple(COMPRESSIONS))
     arch: str = opt("model (any `train --arch`)", "resnet50")
     batch_size: int = opt("n, per worker", train_default("batch_size"), min=1)
+    batches_per_allreduce: int = opt("micro-batches of n per step (virtual workers)", 1, min=1)
     image_size: int = opt("px", 224, min=1)
     loader: str = opt("input pipeline", "synthetic", choices=tuple(LOADERS))
     data: str = opt("with --loader dali|torchvision", "")
-    precision: str = opt("autocast for forward and loss", "fp32", choices=tuple(PRECISIONS))
-    channels_last: bool = opt("NHWC image batches", False)
+    precision: tuple[str, ...] = opt("train's --precision, one run each", ("fp32",), choices=tuple(PRECISIONS))
+    layout: tuple[str, ...] = opt("memory format of weights and batches, one run each (nhwc: train --channels-last)",
+                                  ("nchw",), choices=LAYOUTS)
     powersgd_rank: int = opt("PowerSGD's rank r", train_default("powersgd_rank"), min=1)
     powersgd_start_step: int = opt(
         "0: compressed from the first step (DDP's hook needs 2 plain steps: within --warmup)", 0, min=0)
@@ -61,6 +71,8 @@ class TrainBenchOptions:
     steps: int = opt("timed steps per run", 10, min=1)
     warmup: int = opt("untimed steps first (>= 2 for DDP's PowerSGD)", 3, min=0)
     repeats: int = opt("runs per case (as a command); medians shown", 3, min=1)
+    count_syncs: int = opt("after the timed steps, this many more that count the step's host syncs (0: none)", 0,
+                           min=0)
     threads: int = opt("CPU threads per worker (0: cores / the largest --np, the same at every --np)", 0, min=0)
     launch: LaunchOptions = field(default_factory=LaunchOptions)
 
@@ -68,11 +80,13 @@ class TrainBenchOptions:
         check(self)
 
     def train_config(self) -> TrainConfig:
-        """The training config of one rank's run (one --compression), from the flags the two share."""
-        mine = {f.name for f in dataclasses.fields(self)} - {"compression"}  # one of them per run
+        """The training config of one rank's run (its case: the first of each list), from the flags the two
+        share."""
+        mine = {f.name for f in dataclasses.fields(self)} - {"compression", "precision"}  # one of each per run
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig) if f.name in mine}
         return TrainConfig(**shared, output="(bench-train writes nothing)", val_resize=self.image_size,
-                           compression=self.compression[0], workers=self.threads, dali_threads=self.threads)
+                           compression=self.compression[0], precision=self.precision[0],
+                           channels_last=self.layout[0] == "nhwc", workers=self.threads, dali_threads=self.threads)
 
 
 def start_ranks(backend: str, config: TrainConfig, threads: int) -> DistContext:
@@ -87,14 +101,11 @@ def start_ranks(backend: str, config: TrainConfig, threads: int) -> DistContext:
             raise UserError("--backend ddp under a launcher: set MASTER_ADDR and MASTER_PORT (rank 0's host, a "
                             "free port) for torch.distributed")
         rank, size, local_rank, local_size = launcher_rank_and_size()
-        cuda = torch.cuda.is_available()
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size)
+        device = rank_device(local_rank)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size)
         ctx = DistContext(rank, local_rank, size, local_size, device)
     if ctx.device.type == "cpu":
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // ctx.local_size))
+        torch.set_num_threads(threads or cpus_per_rank(ctx.local_size))
     return ctx
 
 
@@ -115,19 +126,21 @@ def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes:
     the comm hook that matches --compression (compression.COMPRESSIONS) and plain SGD."""
     if backend == "horovod":
         from .. import comm
-        from ..train import build_training
+        from ..train import build_step as training_step, build_training
 
         model, optimizer, scaler = build_training(config, num_classes, ctx.device)
         comm.broadcast_state(model, optimizer, resumed=False)
-    else:
-        model = torch.nn.parallel.DistributedDataParallel(
-            build_model(config.arch, num_classes, config.zero_init_residual).to(ctx.device),
-            device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-        COMPRESSIONS[config.compression].register_ddp_hook(model, config.powersgd_rank)
-        optimizer = DDPOptimizer(parameter_groups(model, config.weight_decay, config.bn_weight_decay), lr=0.0,
-                                 momentum=config.momentum, nesterov=config.nesterov)
-        scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
-    return TrainStep(model, optimizer, scaler, autocast(config.precision, ctx.device), micro_batches=1,
+        return training_step(config, model, optimizer, scaler, ctx.device, on_phase=clock)
+    model = build_model(config.arch, num_classes, config.zero_init_residual).to(ctx.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
+                                                      else None)
+    COMPRESSIONS[config.compression].register_ddp_hook(model, config.powersgd_rank)
+    optimizer = DDPOptimizer(parameter_groups(model, config.weight_decay, config.bn_weight_decay), lr=0.0,
+                             momentum=config.momentum, nesterov=config.nesterov)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
+    return TrainStep(model, optimizer, scaler, autocast(config.precision, ctx.device), config.batches_per_allreduce,
                      restore_bn=scaler.is_enabled(), on_phase=clock)
 
 
@@ -139,7 +152,18 @@ def endless(loaders):
         epoch += 1
 
 
-def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, threads: int) -> dict | None:
+def count_step_syncs(step: TrainStep, batches, steps: int, device: torch.device) -> dict:
+    """Host syncs per step over `steps` steps, by call site (host_sync.report). The phase clock, which
+    synchronizes the device at each phase boundary, is off meanwhile."""
+    step.on_phase = None
+    with host_sync.counter(device) as log:
+        for _ in range(steps):
+            step(batches, lr=0.01)
+    return host_sync.report(log, steps)
+
+
+def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, threads: int,
+                count_syncs: int = 0) -> dict | None:
     """Run on every rank; rank 0 returns the report (the others None)."""
     ctx = start_ranks(backend, config, threads)
     loaders = build_loaders(config, ctx)
@@ -154,6 +178,7 @@ def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, thre
         if index >= warmup:
             for phase, seconds in clock.seconds.items():
                 timings[phase].append(seconds)
+    syncs = count_step_syncs(step, batches, count_syncs, ctx.device) if count_syncs else None
     if backend == "horovod":
         from .. import comm
 
@@ -161,7 +186,9 @@ def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, thre
     else:  # no rank closes its connections while another still uses them
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return report(backend, config, ctx, loaders.description, timings, steps, warmup) if ctx.is_primary else None
+    if not ctx.is_primary:
+        return None
+    return {**report(backend, config, ctx, loaders.description, timings, steps, warmup), "host_syncs": syncs}
 
 
 def report(backend: str, config: TrainConfig, ctx: DistContext, input_description: str, timings: dict,
@@ -170,25 +197,28 @@ def report(backend: str, config: TrainConfig, ctx: DistContext, input_descriptio
 
     step_times = [sum(parts) for parts in zip(*timings.values())]
     step = statistics.median(step_times)
+    images = config.batch_size * config.batches_per_allreduce  # per worker per step
     return {
         "backend": backend, "ranks": ctx.size, "device": device_name(ctx.device),
         "threads_per_rank": torch.get_num_threads() if ctx.device.type == "cpu" else None,
-        "arch": config.arch, "batch_size": config.batch_size, "image_size": config.image_size,
-        "loader": config.loader, "input": input_description, "precision": config.precision,
-        "channels_last": config.channels_last, "compression": config.compression, "steps": steps,
+        "arch": config.arch, "batch_size": config.batch_size, "batches_per_allreduce": config.batches_per_allreduce,
+        "image_size": config.image_size, "loader": config.loader, "input": input_description,
+        "precision": config.precision, "layout": LAYOUTS[config.channels_last], "compression": config.compression,
+        "steps": steps,
         "warmup": warmup, "step_seconds": step, "phases": {p: statistics.median(v) for p, v in timings.items()},
-        "images_per_sec_per_worker": config.batch_size / step, "images_per_sec": ctx.size * config.batch_size / step,
+        "images_per_sec_per_worker": images / step, "images_per_sec": ctx.size * images / step,
         "runs_step_seconds": step_times,
     }
 
 
 def run(options: TrainBenchOptions) -> None:
-    if launch.under_launcher():  # one of the ranks: one backend, one compression
-        if len(options.backend) > 1 or len(options.compression) > 1 or options.launch.link != "loopback":
-            raise UserError("under a launcher, bench-train measures one --backend and one --compression on the "
-                            "launcher's ranks (no --link); as a command it runs each combination itself")
+    if launch.under_launcher():  # one of the ranks: one case
+        if any(len(getattr(options, name)) > 1 for name in CASE) or options.launch.link != "loopback":
+            raise UserError("under a launcher, bench-train measures one --backend, --compression, --precision and "
+                            "--layout on the launcher's ranks (no --link); as a command it runs each combination "
+                            "itself")
         result = bench_train(options.backend[0], options.train_config(), options.steps, options.warmup,
-                             options.threads)
+                             options.threads, options.count_syncs)
         if result:
             launch.emit({"runs": [result], "rows": summarize([result]), "repeats": 1}, options.launch,
                         format_report)
@@ -197,21 +227,22 @@ def run(options: TrainBenchOptions) -> None:
 
 
 def drive(options: TrainBenchOptions) -> dict:
-    """As a command: every (np, backend, compression) case `repeats` times, interleaved (a slow moment of the
-    machine hits every case alike), each on its own horovodrun."""
+    """As a command: every (np, backend, compression, precision, layout) case `repeats` times, interleaved (a
+    slow moment of the machine hits every case alike), each on its own horovodrun."""
     from tqdm import tqdm
 
-    threads = options.threads or max(1, (os.cpu_count() or 1) // max(options.np))  # the same at every --np
-    cases = [(np, backend, compression)
-             for np in options.np for backend in options.backend for compression in options.compression]
+    threads = options.threads or max(1, available_cpus() // max(options.np))  # the same at every --np
+    cases = [dict(zip(("np", *CASE), values)) for values in itertools.product(
+        options.np, *(getattr(options, name) for name in CASE))]
     runs = []
     with launch.shaped_namespace(options.launch.link) as prefix:
         link = launch.link_record(options.launch.link, prefix)
         with tqdm(total=options.repeats * len(cases), desc="bench-train", unit="run", leave=False) as progress:
             for _ in range(options.repeats):
-                for np, backend, compression in cases:
-                    case = dataclasses.replace(options, backend=(backend,), compression=(compression,), np=(np,),
-                                               threads=threads, repeats=1)
+                for values in cases:
+                    np = values["np"]
+                    case = dataclasses.replace(options, **{k: (v,) for k, v in values.items()}, threads=threads,
+                                               repeats=1)
                     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(launch.free_port())}
                     report = launch.run_ranks(prefix, np, options.launch.controller,
                                               launch.forward("bench-train", case), env)
@@ -222,34 +253,36 @@ def drive(options: TrainBenchOptions) -> dict:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (backend, compression, ranks): medians over the repeats; weak-scaling efficiency against
-    the same backend and compression at the fewest ranks; step time relative to DDP at the same point."""
+    """One row per case (backend, compression, precision, layout) and ranks: medians over the repeats;
+    weak-scaling efficiency against the same case at the fewest ranks; step time relative to DDP, and to no
+    compression, with the rest of the case the same."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["backend"], run["compression"], run["ranks"]), []).append(run)
+        groups.setdefault((*(run[name] for name in CASE), run["ranks"]), []).append(run)
     rows = []
-    for (backend, compression, ranks), group in groups.items():
-        rows.append({**{k: group[0][k] for k in ("backend", "compression", "ranks", "threads_per_rank")},
+    for group in groups.values():
+        rows.append({**{k: group[0][k] for k in (*CASE, "ranks", "threads_per_rank")},
                      "step_seconds": statistics.median(r["step_seconds"] for r in group),
                      "phases": {p: statistics.median(r["phases"][p] for r in group) for p in PHASES},
                      "images_per_sec_per_worker": statistics.median(r["images_per_sec_per_worker"] for r in group),
-                     "repeats_step_seconds": [r["step_seconds"] for r in group]})
+                     "repeats_step_seconds": [r["step_seconds"] for r in group],
+                     "host_syncs": group[0]["host_syncs"]})  # a count, the same in every repeat
+
+    def like(row: dict, **changes) -> dict | None:
+        """The row of the same case and ranks as `row` but for `changes`, if it was measured."""
+        wanted = {**{k: row[k] for k in (*CASE, "ranks")}, **changes}
+        return next((r for r in rows if all(r[k] == v for k, v in wanted.items())), None)
+
     for row in rows:
-        fewest = min(r["ranks"] for r in rows if (r["backend"], r["compression"]) == (row["backend"],
-                                                                                          row["compression"]))
-        base = next(r for r in rows if (r["backend"], r["compression"], r["ranks"]) ==
-                    (row["backend"], row["compression"], fewest))
-        row["weak_scaling_efficiency"] = row["images_per_sec_per_worker"] / base["images_per_sec_per_worker"]
+        fewest = min(r["ranks"] for r in rows if all(r[k] == row[k] for k in CASE))
+        row["weak_scaling_efficiency"] = row["images_per_sec_per_worker"] / like(row, ranks=fewest)[
+            "images_per_sec_per_worker"]
         row["weak_scaling_from_ranks"] = fewest
-        ddp = [r for r in rows if (r["backend"], r["compression"], r["ranks"]) == ("ddp", row["compression"],
-                                                                                   row["ranks"])]
-        if ddp:
-            row["step_vs_ddp"] = row["step_seconds"] / ddp[0]["step_seconds"]
-        none = [r for r in rows if (r["backend"], r["compression"], r["ranks"]) == (row["backend"], "none",
-                                                                                    row["ranks"])]
-        if none:
-            row["step_vs_none"] = row["step_seconds"] / none[0]["step_seconds"]
-    return sorted(rows, key=lambda r: (r["backend"] != "horovod", r["compression"], r["ranks"]))
+        for key, other in (("step_vs_ddp", like(row, backend="ddp")), ("step_vs_none", like(row, compression="none"))):
+            if other:
+                row[key] = row["step_seconds"] / other["step_seconds"]
+    return sorted(rows, key=lambda r: (r["backend"] != "horovod", r["compression"], r["precision"], r["layout"],
+                                       r["ranks"]))
 
 
 def format_report(report: dict) -> str:
@@ -257,24 +290,37 @@ def format_report(report: dict) -> str:
     link = report.get("link") or {}
     where = (f"lo shaped to {link['name']} (measured {link['measured_gbit_s']:.2f} Gbit/s)" if link.get("shaped")
              else "loopback")
-    lines = [f"bench-train: {first['arch']}, n={first['batch_size']}, {first['image_size']} px, {first['loader']} "
-             f"data, {first['precision']}, {first['device']}, {where}; median of {report['repeats']} repeats x "
-             f"{first['steps']} steps (ms)",
-             f"{'backend':<8} {'compress':<9} {'ranks':>5} {'step':>7} " + " ".join(f"{p[:9]:>9}" for p in PHASES)
-             + f" {'img/s/wkr':>9} {'weak scl':>8} {'vs ddp':>7} {'vs none':>7}"]
+    lines = [f"bench-train: {first['arch']}, n={first['batch_size']} x {first['batches_per_allreduce']}, "
+             f"{first['image_size']} px, {first['loader']} data, {first['device']}, {where}; median of "
+             f"{report['repeats']} repeats x {first['steps']} steps (ms)",
+             f"{'backend':<8} {'compress':<9} {'precision':<9} {'layout':<6} {'ranks':>5} {'step':>7} "
+             + " ".join(f"{p[:9]:>9}" for p in PHASES) + f" {'img/s/wkr':>9} {'weak scl':>8} {'vs ddp':>7} "
+             f"{'vs none':>7}"]
     for r in report["rows"]:
         phases = " ".join(f"{1000 * r['phases'][p]:>9.1f}" for p in PHASES)
         vs_ddp = f"{r['step_vs_ddp']:.2f}x" if "step_vs_ddp" in r else "-"
         vs_none = f"{r['step_vs_none']:.2f}x" if "step_vs_none" in r else "-"
-        lines.append(f"{r['backend']:<8} {r['compression']:<9} {r['ranks']:>5} {1000 * r['step_seconds']:>7.1f} "
-                     f"{phases} {r['images_per_sec_per_worker']:>9.1f} {100 * r['weak_scaling_efficiency']:>7.1f}% "
-                     f"{vs_ddp:>7} {vs_none:>7}")
-    lines.append("weak scl: img/s per worker vs the same backend at the fewest ranks; vs ddp / vs none: step time "
+        lines.append(f"{r['backend']:<8} {r['compression']:<9} {r['precision']:<9} {r['layout']:<6} {r['ranks']:>5} "
+                     f"{1000 * r['step_seconds']:>7.1f} {phases} {r['images_per_sec_per_worker']:>9.1f} "
+                     f"{100 * r['weak_scaling_efficiency']:>7.1f}% {vs_ddp:>7} {vs_none:>7}")
+    lines.append("weak scl: img/s per worker vs the same case at the fewest ranks; vs ddp / vs none: step time "
                  "ratio (< 1: faster)")
+    for r in report["rows"]:
+        if r["host_syncs"]:
+            case = " ".join(str(r[k]) for k in (*CASE, "ranks"))
+            lines.append(format_syncs(f"{case} ranks", r["host_syncs"]))
+    return "\n".join(lines)
+
+
+def format_syncs(case: str, syncs: dict) -> str:
+    excluded = ", ".join(f"{owner} {n:g}" for owner, n in syncs["excluded_per_step"].items())
+    lines = [f"{case}: {syncs['per_step']:g} host syncs per step of our own (budget {syncs['budget_per_step']}; "
+             f"left aside: {excluded}; over {syncs['steps']} steps)"]
+    lines += [f"  {n:g} x {site}" for site, n in syncs["sites"].items()]
     return "\n".join(lines)
 
 
 COMMAND = Command(TrainBenchOptions, run, description=(
     "Times training steps of the same model and data under Horovod and under PyTorch DDP (gloo on the CPU, NCCL "
-    "on GPUs), at each --np, for each --compression; weak-scaling efficiency is img/s per worker against the "
-    "fewest ranks. " + launch.AS_COMMAND_OR_RANK))
+    "on GPUs), at each --np, for each --compression, --precision and --layout; weak-scaling efficiency is img/s "
+    "per worker against the fewest ranks. " + launch.AS_COMMAND_OR_RANK))

@@ -9,10 +9,11 @@ among ranks the same way (shards.py).
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
+
+from ..cpus import cpus_per_rank
 
 if TYPE_CHECKING:  # torch and the loaders are imported when a loader is built, not with the config
     import torch
@@ -67,8 +68,8 @@ def read_samples(data: Path, file_list: str) -> Samples:
 
 
 def default_threads(ctx: DistContext) -> int:
-    """Decode threads (DALI) or processes (DataLoader) per rank: the machine's cores shared by its ranks."""
-    return max(1, (os.cpu_count() or 1) // ctx.local_size)
+    """Decode threads (DALI) or processes (DataLoader) per rank: this rank's share of the CPUs it was given."""
+    return cpus_per_rank(ctx.local_size)
 
 
 def build_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:

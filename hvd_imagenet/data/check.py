@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ..cpus import available_cpus
 from ..flags import Command, check, opt
 from .layout import check_layout, list_samples
 
@@ -69,7 +70,7 @@ def scan(data: Path, workers: int = 0, progress: bool = True) -> list[ImageRepor
     classes = check_layout(data)
     paths = [path for split in ("train", "val") for path, _ in list_samples(data, split, classes, None)]
     items = [(path, os.path.relpath(path, data)) for path in paths]
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+    with ProcessPoolExecutor(max_workers=workers or available_cpus()) as pool:
         reports = list(tqdm(pool.map(_inspect, items, chunksize=64), total=len(items), unit="file",
                             desc="check-data", disable=None if progress else True))  # None: off when not a TTY
     return reports

@@ -14,7 +14,6 @@ DIGITS_VAL_EVERY-th image (in scikit-learn's order) is val, the rest train: 1,43
 from __future__ import annotations
 
 import colorsys
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..cpus import available_cpus
 from ..errors import UserError
 from ..flags import Command, check, opt
 
@@ -92,7 +92,7 @@ def make_dataset(output: Path, classes: int, train_per_class: int, val_per_class
         for c in range(classes)
         for i in range(count)
     ]
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+    with ProcessPoolExecutor(max_workers=workers or available_cpus()) as pool:
         for _ in tqdm(pool.map(render, jobs, chunksize=16), total=len(jobs), desc="make-dataset", unit="img",
                       disable=None):  # a bar on a terminal only: in a log its redraws are one endless line
             pass

@@ -1,0 +1,88 @@
+"""What only a GPU can show (`pytest -m gpu`; scripts/gpu_check.sh runs it on a GPU machine: docs/gpu-check.md).
+On a machine without a CUDA GPU every test here skips with the reason, so `make test` stays green there.
+
+Checked: the CUDA stack this build needs; DALI's `mixed` decode (nvJPEG) against its CPU decode, landing on
+cuda:local_rank; Horovod's NCCL collectives on NHWC tensors; amp-fp16 and amp-bf16 training steps of `train`
+with NHWC weights; the step's host syncs in CUDA's own sync debug mode against host_sync.SYNC_BUDGET."""
+import json
+
+import pytest
+import torch
+
+from hvd_imagenet import gpu, host_sync
+from hvd_imagenet.config import TrainConfig
+from hvd_imagenet.context import DistContext
+from hvd_imagenet.data import build_loaders
+
+from conftest import read_jsonl, run_cli, run_horovod
+from test_channels_last import check_collectives, run_collectives
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU here (torch.cuda.is_available() is False); scripts/gpu_check.sh runs these on a GPU machine")]
+
+
+def test_the_cuda_stack_is_one_this_build_supports():
+    device = gpu.rank_device(0)
+    assert device == torch.device("cuda", 0) and torch.backends.cudnn.benchmark
+    assert torch.cuda.get_device_capability(device) >= gpu.MIN_CAPABILITY
+    assert gpu.driver_cuda() >= gpu.MIN_DRIVER_CUDA
+    print(gpu.describe(device))  # in the log of make gpu-check
+
+
+def dali_batches(data, device: str, split: str, channels_last: bool = False) -> list:
+    config = TrainConfig(data=str(data), output="(test)", loader="dali", dali_device=device, batch_size=4,
+                         image_size=32, val_resize=36, dali_threads=2, channels_last=channels_last)
+    ctx = DistContext(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cuda", 0))
+    loaders = build_loaders(config, ctx)
+    return list(loaders.val if split == "val" else loaders.train)
+
+
+def test_dali_mixed_decode_matches_cpu_decode_and_lands_on_the_gpu(tiny_data):
+    """Val (no randomness): nvJPEG on the GPU and libjpeg-turbo on the CPU decode within rounding (their IDCTs
+    differ by a level or two of 255), then the same resize, crop and normalization. Both arrive on cuda:0."""
+    gpu_batches, cpu_batches = dali_batches(tiny_data, "gpu", "val"), dali_batches(tiny_data, "cpu", "val")
+    assert len(gpu_batches) == len(cpu_batches) == 5  # 20 val images, n=4
+    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(gpu_batches, cpu_batches):
+        assert gpu_images.device == cpu_images.device == gpu_labels.device == torch.device("cuda", 0)
+        assert gpu_images.shape == cpu_images.shape == (4, 3, 32, 32) and gpu_images.dtype == torch.float32
+        assert torch.equal(gpu_labels, cpu_labels)
+        difference = (gpu_images - cpu_images).abs()
+        assert difference.mean() < 0.02 and difference.max() < 0.5  # normalized units: 1/255/0.225 = 0.017
+    images, labels = dali_batches(tiny_data, "gpu", "train", channels_last=True)[0]
+    assert images.device == labels.device == torch.device("cuda", 0)
+    assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
+
+
+def test_nccl_collectives_on_nhwc_tensors(tmp_path):
+    found = run_collectives(tmp_path, 1, "--gloo")
+    assert found["device"] == "cuda:0" and found["nccl_built"]
+    check_collectives(found)
+
+
+@pytest.mark.parametrize("precision", ["amp-fp16", "amp-bf16"])
+def test_amp_training_steps_with_nhwc_weights(tmp_path, precision):
+    """`train` on one GPU: ResNet-50, synthetic batches of 64 at 224 px, 6 steps, NHWC weights."""
+    output = tmp_path / "run"
+    result = run_horovod("--loader", "synthetic", "--output", output, "--arch", "resnet50", "--batch-size", "64",
+                         "--epochs", "1", "--max-steps-per-epoch", "6", "--precision", precision, "--channels-last",
+                         np=1, timeout=600)
+    assert "GPU: " in result.stdout
+    record = read_jsonl(output / "metrics.jsonl")[0]
+    assert record["train_loss"] == record["train_loss"] and record["skipped_steps"] <= 3  # fp16's first scales
+    weights = torch.load(output / "checkpoints" / "epoch-0001.pt", weights_only=True)["model"]
+    assert weights["conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp-bf16", "amp-fp16"])
+@pytest.mark.parametrize("loader", ["synthetic", "dali"])
+def test_host_syncs_on_the_gpu(tiny_data, precision, loader):
+    """CUDA's sync debug mode over steady-state steps (as tests/test_host_syncs.py on the CPU): within budget."""
+    done = run_cli("bench-train", "--backend", "horovod", "--np", "1", "--arch", "resnet18", "--image-size", "32",
+                   "--batch-size", "2", "--batches-per-allreduce", "2", "--loader", loader, "--data", tiny_data,
+                   "--precision", precision, "--layout", "nhwc", "--steps", "1", "--warmup", "1", "--repeats", "1",
+                   "--count-syncs", "3", "--json", timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    syncs = json.loads(done.stdout)["rows"][0]["host_syncs"]
+    print(json.dumps(syncs))  # in the log of make gpu-check
+    assert syncs["per_step"] <= host_sync.SYNC_BUDGET, f"over budget: {syncs['sites']}"
