@@ -154,8 +154,7 @@ class PowerSGD:
             error = matrix.clone()
             torch.mm(ps[i], qs[i].T, out=matrix)  # the gradient becomes P Q^T, the same on every rank
             error.sub_(matrix)  # what this rank's M lost in the approximation
-            self.errors[i] = torch.where(finite, error, self.errors[i]) if i in self.errors else \
-                torch.where(finite, error, 0.0)
+            self.errors[i] = torch.where(finite, error, self.errors.get(i, 0.0))
             self.qs[i] = torch.where(finite, qs[i], self.qs[i])  # warm start
 
 
@@ -353,8 +352,9 @@ def average_bn_statistics(model: torch.nn.Module) -> None:
     into few buffers, negotiated once), not one collective after another per buffer (106 for ResNet-50)."""
     buffers = [buffer for name, buffer in model.named_buffers() if name.endswith(("running_mean", "running_var"))]
     if buffers:
-        for buffer, mean in zip(buffers, hvd.grouped_allreduce(buffers, op=hvd.Average, name="bn_statistics")):
-            buffer.copy_(mean)  # Horovod: grouped_allreduce above
+        means = hvd.grouped_allreduce(buffers, op=hvd.Average, name="bn_statistics")  # Horovod
+        for buffer, mean in zip(buffers, means):
+            buffer.copy_(mean)
 
 
 def gather_digests(digest: float) -> list[float]:

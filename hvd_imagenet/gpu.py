@@ -7,6 +7,7 @@ word; on an older GPU it would fail at the first kernel. Both stop here with the
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 
@@ -24,9 +25,16 @@ def gpus_hidden() -> bool:
 
 
 def driver_cuda() -> tuple[int, int] | None:
-    """The CUDA version the installed driver supports (cudaDriverGetVersion), None without a driver."""
-    version = getattr(torch._C, "_cuda_getDriverVersion", lambda: 0)()
-    return (version // 1000, version % 1000 // 10) if version else None
+    """The CUDA version the installed driver supports (the driver API's cuDriverGetVersion: no GPU context, and
+    it answers when torch cannot use the driver), None without NVIDIA's driver library."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or not version.value:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
 
 
 def stack_problem(gpu_present: bool, cuda_usable: bool, driver: tuple[int, int] | None,
@@ -61,7 +69,12 @@ def rank_device(local_rank: int) -> torch.device:
     """cuda:local_rank (one GPU per process) when this machine has GPUs, else the CPU; a GPU that this build
     cannot use is an error, not a silent fallback to the CPU."""
     usable = torch.cuda.is_available()
-    present = bool(glob.glob("/dev/nvidia[0-9]*")) and not gpus_hidden()
+    # A GPU this torch should see: NVIDIA's device files, not hidden on purpose, and a CUDA build of torch.
+    present = bool(glob.glob("/dev/nvidia[0-9]*")) and not gpus_hidden() and torch.version.cuda is not None
+    if usable and local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {local_rank}, but this process sees {torch.cuda.device_count()} GPU(s) "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): start one "
+                        "process per GPU, each seeing all of the node's GPUs")
     device = torch.device("cuda", local_rank) if usable else torch.device("cpu")
     capability = torch.cuda.get_device_capability(device) if usable else None
     problem = stack_problem(present, usable, driver_cuda(), capability,

@@ -5,11 +5,11 @@ check, step.TrainStep), beside Horovod's synchronize() and GradScaler's own inf 
 Two counters, one log:
 - `count_syncs()`, on any machine: a torch function mode that records each operation that synchronizes when
   its tensors live on a GPU: a value read on the host (item, bool(), int(), float(), tolist, numpy, cpu,
-  f"{t}", print(t), torch.equal), a result whose size depends on the data (nonzero, masked_select, unique), a copy to
-  a device without non_blocking=True (.to(device), .cuda(), called from this package: inside torch such a
-  call moves a tensor to the device it is already on, which copies nothing) and a tensor built from Python
-  data on a device (torch.tensor(data, device=...)). On the CPU nothing waits: the count is what a GPU would
-  wait for. Not seen: copy_ between devices (on the CPU every tensor is on one device) and syncs inside
+  f"{t}", print(t), torch.equal), a result whose size depends on the data (nonzero, masked_select, unique),
+  a copy to a device without non_blocking=True (.to(device), .cuda(), called from this package: inside torch
+  such a call moves a tensor to the device it is already on, which copies nothing) and a tensor built from
+  Python data on a device (torch.tensor(data, device=...)). On the CPU nothing waits: the count is what a GPU
+  would wait for. Not seen: copy_ between devices (on the CPU every tensor is on one device) and syncs inside
   libraries that call CUDA themselves (DALI). A new epoch's shuffle reads a CPU permutation (shards.py), which
   the count cannot tell from a device tensor: count steps within one epoch.
 - `count_cuda_syncs()`, on a GPU: torch.cuda.set_sync_debug_mode("warn") reports every synchronizing CUDA

@@ -74,7 +74,7 @@ class TrainStep:
         if self.max_grad_norm:  # the total L2 norm before clipping, on the device: the finite check reuses it
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         applied = self._apply(norm)
-        if not applied and self.bn is not None:  # as if the step had not been: BN statistics as before (weights untouched)
+        if not applied and self.bn is not None:  # as if the step had not been: BN statistics as before
             self.bn.restore()
         self._phase("optimizer")
         return StepResult(applied, sums, loss)

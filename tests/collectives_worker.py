@@ -64,7 +64,8 @@ found["grads_nhwc"] = all(p.grad.is_contiguous(memory_format=torch.channels_last
 digest = sum(float(p.detach().double().sum()) * (i + 1) for i, p in enumerate(model.parameters()))
 found["step_digests_equal"] = len(set(hvd.allgather_object(digest))) == 1
 
-for name, call in [("not_dense", lambda: hvd.allreduce(mine[:, :, :2])), ("allgather_nhwc", lambda: hvd.allgather(mine))]:
+for name, call in [("not_dense", lambda: hvd.allreduce(mine[:, :, :2])),
+                   ("allgather_nhwc", lambda: hvd.allgather(mine))]:
     try:
         call()
         found[name] = "accepted"

@@ -1,6 +1,9 @@
 """The parts of the GPU path that a CPU machine can check (issue 15): the start-up check of the CUDA stack, the
 CPUs each rank takes, DALI's nvJPEG settings. tests/test_gpu.py holds what needs a GPU."""
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +61,19 @@ def test_nvjpeg_buffers_are_sized_for_imagenet_on_the_gpu_only():
     assert mixed["device"] == "mixed" and mixed["device_memory_padding"] == 211_025_920
     assert mixed["host_memory_padding"] == 140_544_512 and mixed["preallocate_width_hint"] == 5980
     assert decoder_options("cpu") == {"device": "cpu"}  # the CPU decoder takes none of them
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc to build a stand-in for the driver's library")
+def test_the_driver_version_comes_from_the_driver_library(tmp_path):
+    """gpu.driver_cuda asks libcuda.so.1 itself (cuDriverGetVersion), which answers even when torch cannot use
+    the driver. Here a stand-in library for an old driver (CUDA 12.4): the check names it."""
+    source = tmp_path / "libcuda.c"
+    source.write_text("int cuDriverGetVersion(int *version) { *version = 12040; return 0; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(source)], check=True)
+    code = ("from hvd_imagenet import gpu; print(gpu.driver_cuda()); "
+            "print(gpu.stack_problem(True, False, gpu.driver_cuda(), None))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    version, problem = done.stdout.splitlines()
+    assert version == "(12, 4)" and "its NVIDIA driver is too old (a driver for CUDA 12.4" in problem

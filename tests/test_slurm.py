@@ -122,7 +122,8 @@ STUB = """#!/bin/bash
 # Stands in for hvd-imagenet: reports where SLURM placed this task, which GPU the trainer would take
 # (comm.init: cuda:<local rank> among the GPUs the task sees) and the CPUs per task srun was asked for.
 IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
-echo "TASK $SLURMD_NODENAME $SLURM_LOCALID $SLURM_PROCID ${gpus[$SLURM_LOCALID]} $SLURM_NTASKS ${SRUN_CPUS_PER_TASK:-unset}"
+cpus=${SRUN_CPUS_PER_TASK:-unset}
+echo "TASK $SLURMD_NODENAME $SLURM_LOCALID $SLURM_PROCID ${gpus[$SLURM_LOCALID]} $SLURM_NTASKS $cpus"
 """
 
 
