@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from .cpus import available_cpus
 from .errors import UserError
 
 MIN_DRIVER_CUDA = (13, 0)  # what an NVIDIA driver >= 580 reports
@@ -52,6 +53,11 @@ def stack_problem(gpu_present: bool, cuda_usable: bool, driver: tuple[int, int] 
         return (f"GPU {name} has compute capability {capability[0]}.{capability[1]}; this CUDA 13 build of torch "
                 f"runs on {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Turing) and newer")
     return None
+
+
+def device_name(device: torch.device) -> str:
+    """What a benchmark record names the device: the GPU's model, or the CPUs this process may use."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({available_cpus()} cores)"
 
 
 def describe(device: torch.device) -> str:

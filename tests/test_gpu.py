@@ -14,8 +14,9 @@ from hvd_imagenet.config import TrainConfig
 from hvd_imagenet.context import DistContext
 from hvd_imagenet.data import build_loaders
 
-from conftest import read_jsonl, run_cli, run_horovod
+from conftest import read_jsonl, run_horovod
 from test_channels_last import check_collectives, run_collectives
+from test_host_syncs import step_syncs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -88,11 +89,6 @@ def test_host_syncs_on_the_gpu(tiny_data, precision, loader):
     """CUDA's sync debug mode over steady-state steps (as tests/test_host_syncs.py on the CPU): within budget."""
     if loader == "dali":
         needs_dali()
-    done = run_cli("bench-train", "--backend", "horovod", "--np", "1", "--arch", "resnet18", "--image-size", "32",
-                   "--batch-size", "2", "--batches-per-allreduce", "2", "--loader", loader, "--data", tiny_data,
-                   "--precision", precision, "--layout", "nhwc", "--steps", "1", "--warmup", "1", "--repeats", "1",
-                   "--count-syncs", "3", "--json", timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    syncs = json.loads(done.stdout)["rows"][0]["host_syncs"]
+    syncs = step_syncs(tiny_data, precision, loader, "none", 1)
     print(json.dumps(syncs))  # in the log of make gpu-check
     assert syncs["per_step"] <= host_sync.SYNC_BUDGET, f"over budget: {syncs['sites']}"

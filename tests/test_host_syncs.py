@@ -53,18 +53,24 @@ CASES = [("fp32", "synthetic", "none"), ("amp-bf16", "synthetic", "none"), ("amp
          ("fp32", "synthetic", "powersgd")]
 
 
+def step_syncs(data, precision: str, loader: str, compression: str, np: int, *flags: str) -> dict:
+    """bench-train --count-syncs 3 as a command: the host syncs of steady-state steps of the real step unit (the
+    one `train` runs), 2 micro-batches of n per step (a per-micro-batch sync shows twice), NHWC weights and
+    batches. 3 counted steps after 2 others, all within the first epoch of tiny_data (24 images per rank at
+    2 ranks, 4 per step: 6 steps)."""
+    done = run_cli("bench-train", "--backend", "horovod", "--np", str(np), "--compression", compression,
+                   "--powersgd-start-step", "0", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2",
+                   "--batches-per-allreduce", "2", "--loader", loader, "--data", data, "--precision", precision,
+                   "--layout", "nhwc", "--steps", "1", "--warmup", "1", "--repeats", "1", "--count-syncs", "3",
+                   "--json", *flags, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout)["rows"][0]["host_syncs"]
+
+
 @pytest.mark.parametrize("precision, loader, compression", CASES)
 def test_training_step_stays_within_the_host_sync_budget(tiny_data, precision, loader, compression):
-    """Steady-state steps of the real step unit (the one `train` runs, bench-train's --count-syncs) on 2 Gloo
-    ranks, 2 micro-batches of n per step (a per-micro-batch sync shows twice), NHWC weights and batches.
-    3 counted steps after 2 others, all within the first epoch (24 images per rank, 4 per step: 6 steps)."""
-    done = run_cli("bench-train", "--backend", "horovod", "--np", "2", "--compression", compression,
-                   "--powersgd-start-step", "0", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2",
-                   "--batches-per-allreduce", "2", "--loader", loader, "--data", tiny_data, "--precision", precision,
-                   "--layout", "nhwc", "--steps", "1", "--warmup", "1", "--repeats", "1", "--count-syncs", "3",
-                   "--threads", "1", "--json", timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    syncs = json.loads(done.stdout)["rows"][0]["host_syncs"]
+    """On 2 Gloo ranks, one core each: at most the budget, and exactly the finite check."""
+    syncs = step_syncs(tiny_data, precision, loader, compression, 2, "--threads", "1")
     assert syncs["steps"] == 3 and syncs["budget_per_step"] == host_sync.SYNC_BUDGET
     assert syncs["per_step"] <= host_sync.SYNC_BUDGET, f"over budget: {syncs['sites']}"
     assert syncs["per_step"] == 1  # the finite check: every step must know whether it was applied

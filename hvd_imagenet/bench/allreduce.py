@@ -21,9 +21,9 @@ from .. import comm
 from ..compression import COMPRESSIONS
 from ..config import train_default
 from ..context import DistContext
-from ..cpus import available_cpus
 from ..errors import UserError
 from ..flags import Command, check, opt
+from ..gpu import device_name
 from . import launch
 from .launch import LaunchOptions
 
@@ -141,10 +141,6 @@ def run(options: AllreduceBenchOptions) -> None:
         report = launch.run_ranks(prefix, options.np, options.launch.controller,
                                   launch.forward("bench-allreduce", options))
     launch.emit({**report, "link": link}, options.launch, format_report)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({available_cpus()} cores)"
 
 
 def format_report(report: dict) -> str:

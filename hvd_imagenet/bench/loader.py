@@ -27,7 +27,7 @@ from ..cpus import available_cpus
 from ..data import DALI_DEVICES, FILE_LOADERS, build_loaders
 from ..data.layout import check_layout
 from ..flags import Command, check, opt
-from ..gpu import rank_device
+from ..gpu import device_name, rank_device
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -175,8 +175,7 @@ def bench_loaders(options: LoaderBenchOptions) -> dict:
     for result in results:
         result["ratio"] = result["images_per_sec"] / baseline
     return {
-        "benchmark": "bench-loader", "data": str(data), "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else f"CPU ({available_cpus()} cores)", "batch_size": options.batch_size,
+        "benchmark": "bench-loader", "data": str(data), "device": device_name(device), "batch_size": options.batch_size,
         "image_size": options.image_size, "threads": options.threads, "epochs": options.epochs,
         "repeats": options.repeats, "results": results,
     }

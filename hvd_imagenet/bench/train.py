@@ -34,7 +34,7 @@ from ..cpus import available_cpus, cpus_per_rank
 from ..data import LOADERS, build_loaders
 from ..errors import UserError
 from ..flags import Command, check, opt
-from ..gpu import rank_device
+from ..gpu import device_name, rank_device
 from ..model import build_model, parameter_groups
 from ..precision import PRECISIONS, autocast
 from ..step import PHASES, PhaseClock, TrainStep
@@ -193,8 +193,6 @@ def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, thre
 
 def report(backend: str, config: TrainConfig, ctx: DistContext, input_description: str, timings: dict,
            steps: int, warmup: int) -> dict:
-    from .allreduce import device_name
-
     step_times = [sum(parts) for parts in zip(*timings.values())]
     step = statistics.median(step_times)
     images = config.batch_size * config.batches_per_allreduce  # per worker per step
@@ -204,8 +202,8 @@ def report(backend: str, config: TrainConfig, ctx: DistContext, input_descriptio
         "arch": config.arch, "batch_size": config.batch_size, "batches_per_allreduce": config.batches_per_allreduce,
         "image_size": config.image_size, "loader": config.loader, "input": input_description,
         "precision": config.precision, "layout": LAYOUTS[config.channels_last], "compression": config.compression,
-        "steps": steps,
-        "warmup": warmup, "step_seconds": step, "phases": {p: statistics.median(v) for p, v in timings.items()},
+        "steps": steps, "warmup": warmup, "step_seconds": step,
+        "phases": {p: statistics.median(v) for p, v in timings.items()},
         "images_per_sec_per_worker": images / step, "images_per_sec": ctx.size * images / step,
         "runs_step_seconds": step_times,
     }
