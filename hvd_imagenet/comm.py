@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import horovod
 import horovod.torch as hvd
 import torch
+from horovod.common.exceptions import HostsUpdatedInterrupt
 from horovod.torch.compression import Compressor
 from horovod.torch.mpi_ops import mpi_lib
 
@@ -32,13 +33,15 @@ from .gpu import rank_device
 
 # Raised on every other rank when one rank dies (an exception, a killed process): Horovod shuts down.
 PeerFailure = hvd.HorovodInternalError
+# What leaves an elastic job's train(state) for Horovod to re-form the ring: a failed rank, a host change.
+ELASTIC_INTERRUPTS = (hvd.HorovodInternalError, HostsUpdatedInterrupt)
 
-# A rank that hangs (a stuck file system, a deadlocked loader) leaves the others waiting in a collective.
-# Horovod's stall inspector warns when some ranks have submitted a tensor and others have not for
-# STALL_CHECK seconds, and with STALL_SHUTDOWN > 0 (Horovod's default is 0: wait forever) ends the job. 300 s
-# is far above the longest legitimate wait here (rank 0 writing a ResNet-50 checkpoint). A rank that dies
-# needs no timeout: its peers' sockets close and they raise at once. Set the variables to override.
-STALL_TIMEOUTS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "60", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "300"}
+# A rank whose main thread hangs (a stuck file system, a deadlocked loader) while its Horovod thread lives:
+# Horovod's stall inspector warns after STALL_CHECK seconds, naming the ranks that have not submitted a tensor
+# the others wait on. Its shutdown (HOROVOD_STALL_SHUTDOWN_TIME_SECONDS) stays at Horovod's 0 (off): ending
+# a hung job is the watchdog's (--hang-timeout, watchdog.py), which also sees a whole process stopped, where
+# under MPI the inspector never runs. Set the variables to override.
+STALL_TIMEOUTS = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "60"}
 
 log = logging.getLogger("hvd_imagenet")
 

@@ -16,6 +16,7 @@ from .errors import UserError
 from .flags import opt
 from .precision import PRECISIONS
 from .schedule import LRPolicy
+from .watchdog import DEFAULT_TIMEOUT
 
 # Horovod 0.28.1's own knob defaults (horovod/common/operations.cc): fusion MiB, cycle ms, hierarchical allreduce
 HOROVOD_DEFAULTS = (128.0, 1.0, False)
@@ -101,6 +102,10 @@ class TrainConfig:
         "or join; the lr follows the new world size. Implies --resume", False)
     elastic_commit_steps: int = opt(
         "--elastic: steps between commits of the in-memory state that a failure rolls back to", 20, min=1)
+    hang_timeout: float = opt(
+        "seconds a rank may go without progress (a step, an evaluation batch, a checkpoint written) before it "
+        "ends itself, so that the launcher ends a job that one hung rank holds (0: never; docs/reliability.md)",
+        DEFAULT_TIMEOUT, min=0)
     status_every: float = opt(
         "seconds between rank 0's status lines when stdout is not a terminal (a launcher's log); a terminal "
         "gets a progress bar", 30.0, above=0)

@@ -5,7 +5,8 @@ start state, then per epoch: train (one step.TrainStep per iteration, lr from sc
 metrics and a checkpoint.
 A SIGUSR1 or SIGTERM (SLURM's warning before the time limit, scancel) stops every rank at the same step with a
 checkpoint there; `--resume` continues from it as if nothing had happened. Averaged gradients that are NaN or
-inf stop the run (or skip the step, --skip-nonfinite). With --elastic, ranks may leave or join mid-epoch.
+inf stop the run (or skip the step, --skip-nonfinite). With --elastic, ranks may leave or join mid-epoch. A
+rank that makes no progress for --hang-timeout seconds ends itself, and so the launcher the job (watchdog.py).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from .precision import autocast
 from .progress import EpochProgress
 from .schedule import lr_at, peak_lr
 from .step import TrainStep
+from .watchdog import Watchdog
 
 log = logging.getLogger("hvd_imagenet")
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop request (one 1-element allreduce)
@@ -45,11 +47,13 @@ STOPPED_FILE = "stopped.json"  # written by rank 0 when a signal stopped the run
 
 
 def main(config: TrainConfig) -> None:
-    # 1. Inputs first: every rank fails the same way, at once, before any rank spends time.
-    if LOADERS[config.loader].reads_files:
-        check_layout(Path(config.data))
     output = Path(config.output)
     checkpoints = Path(config.checkpoint_dir or output / "checkpoints")
+    # 1. From here to the process's end, a rank without progress for --hang-timeout seconds ends itself.
+    watchdog = Watchdog(config.hang_timeout, str(checkpoints), comm.rank_if_started).start()
+    # Inputs first: every rank fails the same way, at once, before any rank spends time.
+    if LOADERS[config.loader].reads_files:
+        check_layout(Path(config.data))
     if not (config.resume or config.elastic) and checkpoint.list_checkpoints(checkpoints):
         raise UserError(f"{checkpoints} already holds checkpoints of a run; pass --resume to continue it, or "
                         "choose a new --output")
@@ -71,17 +75,22 @@ def main(config: TrainConfig) -> None:
         # Always from the newest checkpoint, loaded by rank 0 alone: a worker that joins a running job runs
         # this too, and must not call a collective that the others are not in (Horovod gives it rank >= 1
         # and the state of rank 0 when it joins).
-        saved = load_newest(config, checkpoints, model, optimizer, scaler, world)[1] if ctx.is_primary else None
+        path, saved = load_newest(config, checkpoints, model, optimizer, scaler, world) if ctx.is_primary \
+            else (None, None)
+        watchdog.started_from(path)
         start = saved.progress if saved else Progress()
-        trainer = Trainer(config, model, optimizer, scaler, world, checkpoints, output, stop, start.epoch)
+        trainer = Trainer(config, model, optimizer, scaler, world, checkpoints, output, stop, watchdog, start.epoch)
         state = comm.elastic_state(model, optimizer, **dataclasses.asdict(start))
         state.register_reset_callbacks([trainer.rejoin])
-        comm.run_elastic(trainer.train, state)  # Horovod: broadcasts rank 0's state first
+        comm.run_elastic(trainer.train_elastic, state)  # Horovod: broadcasts rank 0's state first
     else:
-        start = resume(config, checkpoints, model, optimizer, scaler, world) if config.resume else Progress()
-        trainer = Trainer(config, model, optimizer, scaler, world, checkpoints, output, stop, start.epoch)
+        start, path = resume(config, checkpoints, model, optimizer, scaler, world) if config.resume \
+            else (Progress(), None)
+        watchdog.started_from(path)
+        trainer = Trainer(config, model, optimizer, scaler, world, checkpoints, output, stop, watchdog, start.epoch)
         comm.broadcast_state(model, optimizer, resumed=start.epoch > 0 or start.images_done > 0)
         trainer.train(start)
+    watchdog.progress("shutdown")
     trainer.close()
     comm.shutdown()
 
@@ -146,10 +155,11 @@ class Trainer:
     calls it again, from the last commit, after the set of ranks changed (rejoin)."""
 
     def __init__(self, config: TrainConfig, model, optimizer, scaler, world: World, checkpoints: Path,
-                 output: Path, stop: "StopRequest", epochs_done: int):
+                 output: Path, stop: "StopRequest", watchdog: Watchdog, epochs_done: int):
         self.config, self.model, self.optimizer, self.scaler, self.world = config, model, optimizer, scaler, world
         self.step = build_step(config, model, optimizer, scaler, world.ctx.device)
-        self.checkpoints, self.output, self.stop = checkpoints, output, stop
+        self.checkpoints, self.output, self.stop, self.watchdog = checkpoints, output, stop, watchdog
+        self.rejoined = False  # whether the set of ranks has changed since the start (--elastic)
         self.writer = self.open_writer(epochs_done)
         self.describe()
 
@@ -180,7 +190,7 @@ class Trainer:
         Sec. 2.1) for the new world size; the next train(state) continues the epoch's shuffle where the last
         commit left it."""
         old = self.world
-        self.world = World.join(self.config, comm.context())
+        self.world, self.rejoined = World.join(self.config, comm.context()), True
         log.info("elastic: %d -> %d ranks; global batch %d -> %d, peak lr %.4g -> %.4g", old.ctx.size,
                  self.world.ctx.size, old.global_batch, self.world.global_batch,
                  peak_lr(self.config.lr, old.global_batch), peak_lr(self.config.lr, self.world.global_batch))
@@ -194,6 +204,7 @@ class Trainer:
     def save_checkpoint(self, state, step_in_epoch: int = 0) -> Path:
         """Every rank calls it: each writes its own compressor state (PowerSGD's error memory) if it has one,
         then rank 0 the checkpoint. The path of the checkpoint."""
+        self.watchdog.progress("checkpoint")
         path = checkpoint.path_for(self.checkpoints, state.epoch, step_in_epoch)
         rank_state = comm.compressor_state(self.optimizer)
         if rank_state is not None:
@@ -208,7 +219,21 @@ class Trainer:
                 {"name": self.config.compression, "ranks": self.world.ctx.size,
                  "channels_last": self.config.channels_last} if rank_state is not None else {},
             ).to_state(), keep=self.config.keep_checkpoints)
+        self.watchdog.checkpoint_saved(str(path), complete=self.world.ctx.is_primary)
         return path
+
+    def train_elastic(self, state) -> None:
+        """train(state) as Horovod's elastic loop calls it: again after the ranks changed. While Horovod
+        re-forms the ring the watchdog does not count: horovodrun's --elastic-timeout bounds that wait."""
+        self.watchdog.resume()
+        if self.rejoined:  # Horovod rolled back to the last commit after a failure, or stopped at one
+            log.info("elastic: epoch %d goes on from image %d of the epoch (the last commit)", state.epoch + 1,
+                     state.images_done)
+        try:
+            self.train(state)
+        except comm.ELASTIC_INTERRUPTS:
+            self.watchdog.pause()
+            raise
 
     def train(self, state) -> None:
         config = self.config
@@ -246,6 +271,7 @@ class Trainer:
         agree that a signal asks them to stop (its name is returned). `state` follows along."""
         config, w = self.config, self.world
         self.model.train()
+        self.watchdog.progress("training")
         epoch, steps = state.epoch, w.steps_per_epoch
         sums = EpochSums(w.ctx.device, state.sums)
         micro_batches = iter(w.loaders.train)
@@ -263,6 +289,7 @@ class Trainer:
             # Gradual warmup, then the step schedule, as a function of the global iteration (Sec. 2.2).
             lr = lr_at(config.lr, epoch * steps + step, steps, w.global_batch)
             result = self.step(micro_batches, lr)
+            self.watchdog.step_done(epoch, step, steps)  # attribute stores: no sync
             if result.applied:
                 sums.add(result.sums)
             else:
@@ -310,8 +337,12 @@ class Trainer:
         the epoch's metrics and checkpoint."""
         w, epoch = self.world, state.epoch
         train = summarize(state.sums)
+        self.watchdog.progress("evaluation")
         comm.average_bn_statistics(self.model)
-        val = evaluate(self.model, self.step.criterion, w.loaders.val, w.ctx.device, self.step.autocast)
+        started = time.perf_counter()
+        val = evaluate(self.model, self.step.criterion, w.loaders.val, w.ctx.device, self.step.autocast,
+                       on_batch=lambda: self.watchdog.progress("evaluation"))
+        val["seconds"] = time.perf_counter() - started
         digests = comm.gather_digests(weights_digest(self.model))  # every rank must hold the same model
         if len(set(digests)) > 1:
             log.warning("epoch %d: ranks hold different weights (digests %s)", epoch + 1, digests)
@@ -327,8 +358,9 @@ class Trainer:
             "train_loss": train["loss"], "train_top1": train["top1"], "train_images": train["images"],
             "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
             "val_images": val["images"], "images_per_sec": train["images"] / state.seconds,
-            "epoch_seconds": state.seconds, "world_size": w.ctx.size, "global_batch": w.global_batch,
-            "steps": (epoch + 1) * steps, "skipped_steps": state.skipped, "weights_digests": digests,
+            "epoch_seconds": state.seconds, "val_seconds": val["seconds"], "world_size": w.ctx.size,
+            "global_batch": w.global_batch, "steps": (epoch + 1) * steps, "skipped_steps": state.skipped,
+            "weights_digests": digests,
         })
         log.info("epoch %d/%d: train loss %.4f top1 %.2f%% | val loss %.4f top1 %.2f%% top5 %.2f%% | %.1f s",
                  epoch + 1, self.config.epochs, train["loss"], train["top1"], val["loss"], val["top1"],
@@ -368,8 +400,9 @@ class StopRequest:
 
 
 @torch.no_grad()
-def evaluate(model, criterion, batches, device: torch.device, autocast) -> dict:
-    """This rank's shard of val; the sums over all ranks count every val image exactly once."""
+def evaluate(model, criterion, batches, device: torch.device, autocast, on_batch) -> dict:
+    """This rank's shard of val; the sums over all ranks count every val image exactly once. on_batch() after
+    each batch."""
     model.eval()
     sums = EpochSums(device)
     for images, target in batches:
@@ -377,6 +410,7 @@ def evaluate(model, criterion, batches, device: torch.device, autocast) -> dict:
             output = model(images)
             loss = criterion(output, target)
         sums.add(EpochSums.of_batch(output.float(), target, loss.float()))
+        on_batch()
     return sums.reduce("val_sums")
 
 
@@ -389,9 +423,11 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     np.random.seed(state)
 
 
-def resume(config: TrainConfig, checkpoints: Path, model, optimizer, scaler, world: World) -> Progress:
+def resume(config: TrainConfig, checkpoints: Path, model, optimizer, scaler,
+           world: World) -> tuple[Progress, str | None]:
     """Rank 0 loads the latest checkpoint; every rank learns the progress to start from (or the error), then
-    loads its own compressor state if the checkpoint has one."""
+    loads its own compressor state if the checkpoint has one. The progress, and the checkpoint's path (None
+    for a fresh start)."""
     outcome = {"progress": None, "path": None, "compressor": {}, "error": None}
     if world.ctx.is_primary:
         try:
@@ -406,7 +442,7 @@ def resume(config: TrainConfig, checkpoints: Path, model, optimizer, scaler, wor
         raise UserError(outcome["error"])
     if outcome["compressor"] and comm.compressor_state(optimizer) is not None:
         restore_compressor(optimizer, Path(outcome["path"]), outcome["compressor"], world.ctx, config.channels_last)
-    return Progress(**outcome["progress"]) if outcome["progress"] else Progress()
+    return (Progress(**outcome["progress"]), outcome["path"]) if outcome["progress"] else (Progress(), None)
 
 
 def load_newest(config: TrainConfig, checkpoints: Path, model, optimizer, scaler,
@@ -451,8 +487,9 @@ def command(config: TrainConfig) -> int:
     try:
         main(config)
     except comm.PeerFailure:
-        raise UserError(f"rank {comm.rank_if_started()}: stopped: another rank failed and Horovod shut down; the "
-                        "launcher's log names the rank that failed first") from None
+        raise UserError(f"rank {comm.rank_if_started()}: stopped: another rank failed (or, under Gloo, stopped "
+                        "responding for HOROVOD_GLOO_TIMEOUT_SECONDS) and Horovod shut down; the launcher's log "
+                        "names the rank that failed first") from None
     except Diverged as error:  # every rank stops at the same step; rank 0 says so for all
         if comm.rank_if_started() == 0:
             print(f"hvd-imagenet train: {error}", file=sys.stderr)

@@ -12,10 +12,12 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from hvd_imagenet import checkpoint
+from hvd_imagenet.data.make_dataset import make_dataset
 from hvd_imagenet.data.shards import train_shard
 from hvd_imagenet.errors import UserError
 
@@ -61,36 +63,161 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+class Job:
+    """`horovodrun <launch> hvd-imagenet train ...` in the background, its output in a file, every
+    process it starts marked in its environment (so that the test finds each rank and what is left over)."""
+
+    def __init__(self, tmp_path: Path, launch: list[str], data: Path, *train_args: str):
+        self.marker = f"HVD_TEST_JOB={uuid.uuid4().hex}"
+        self.log = tmp_path / "job.log"
+        self.output = tmp_path / "run"
+        command = [str(BIN / "horovodrun"), *launch, "hvd-imagenet", "train", "--data", str(data),
+                   "--output", str(self.output), "--loader", "torchvision", *train_args]
+        env = {**cli_env(), self.marker.split("=")[0]: self.marker.split("=")[1]}
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for_output(self, text: str, timeout: float = 120) -> None:
+        wait_for(lambda: text in self.text() or self.process.poll() is not None, timeout, repr(text))
+        assert text in self.text(), self.text()[-3000:]
+
+    def trainer(self, rank: int) -> int:
+        return wait_for(lambda: trainer_of_rank(self.marker, rank), 10, f"rank {rank}'s process")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def wait_until_all_gone(self) -> None:
+        wait_for(lambda: not processes_with(self.marker), 10, "every process of the job to exit")
+
+
+def two_ranks(controller: str) -> list[str]:
+    return ["-np", "2", "-H", "localhost:2", controller]
+
+
 @pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
 def test_kill_9_of_one_rank_ends_the_job_fast(tiny_data, tmp_path, controller):
     """kill -9 of rank 1 mid-epoch (no chance to say anything): the job ends within 60 s, non-zero, the
     launcher names rank 1, and no process of the job is left behind (loader workers included)."""
-    marker = f"HVD_TEST_JOB={uuid.uuid4().hex}"
-    log = tmp_path / "job.log"
-    command = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", controller, "hvd-imagenet", "train",
-               "--data", str(tiny_data), "--output", str(tmp_path / "run"), "--epochs", "100",
-               "--loader", "torchvision", *TINY_TRAIN]
-    env = {**cli_env(), marker.split("=")[0]: marker.split("=")[1]}
-    with open(log, "w") as out:
-        job = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for(lambda: "epoch 1/100" in log.read_text(), 120, "training to start")
-        time.sleep(2)  # well into the epoch loop
-        victim = wait_for(lambda: trainer_of_rank(marker, 1), 10, "rank 1's process")
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        returncode = job.wait(timeout=60)
-        took = time.monotonic() - killed
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    output = log.read_text()
+    job = Job(tmp_path, two_ranks(controller), tiny_data, "--epochs", "100", *TINY_TRAIN)
+    job.wait_for_output("epoch 1/100")
+    time.sleep(2)  # well into the epoch loop
+    os.kill(job.trainer(1), signal.SIGKILL)
+    killed = time.monotonic()
+    returncode = job.wait(timeout=60)
+    took = time.monotonic() - killed
+    output = job.text()
     assert returncode != 0 and took < 60, (returncode, took, output[-3000:])
     if controller == "--gloo":  # horovodrun: "Process 1 exit with status code 137" ... "Process name: 1"
         assert "Process name: 1\nExit code: 137" in output, output[-3000:]
     else:  # mpirun: "mpirun noticed that process rank 1 with PID ... exited on signal 9 (Killed)."
         assert "process rank 1" in output and "signal 9" in output, output[-3000:]
-    wait_for(lambda: not processes_with(marker), 10, "every process of the job to exit")
+    job.wait_until_all_gone()
+
+
+# s: 3-5 times the start-up to the first step here (4-6 s), which the watchdog counts too, and below Gloo's own
+# timeout (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s), which would otherwise end the --gloo job first
+HANG_TIMEOUT = 20
+
+WATCHED = """
+import sys, time
+from hvd_imagenet.watchdog import Watchdog
+watchdog = Watchdog(1.0, "/ckpt", rank=lambda: 3).start()
+for step in range(30):  # 3 s of steps, 0.1 s apart: progress, so nothing fires
+    time.sleep(0.1)
+    watchdog.step_done(epoch=1, step=step % 6, steps=6)
+watchdog.checkpoint_saved("/ckpt/epoch-0002.pt", complete=False)  # rank 0 may still be writing it
+print("alive", flush=True)
+if sys.argv[1] == "after-a-step":
+    watchdog.step_done(epoch=2, step=0, steps=6)  # rank 0 took part: its write was done
+watchdog.progress("evaluation")
+time.sleep(10)  # silent: the watchdog ends the process after 1 s
+"""
+
+
+@pytest.mark.parametrize("then", ["after-a-step", "at-once"])
+def test_the_watchdog_ends_a_silent_process_and_says_where(then):
+    result = subprocess.run([sys.executable, "-c", WATCHED, then], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4 and result.stdout == "alive\n", (result.returncode, result.stdout, result.stderr)
+    line, = result.stderr.splitlines()
+    assert line.startswith(f"hvd-imagenet train: rank 3 (host {os.uname().nodename}, pid ")
+    if then == "after-a-step":  # the checkpoint counts as complete once a later step has completed
+        assert "(--hang-timeout 1) in evaluation (the last step completed: 1/6 of epoch 3)" in line, line
+        assert line.endswith("--resume continues from /ckpt/epoch-0002.pt"), line
+    else:
+        assert "in evaluation (the last step completed: 6/6 of epoch 2)" in line, line
+        assert line.endswith("the newest complete checkpoint in /ckpt (rank 0 was writing epoch-0002.pt)"), line
+
+
+@pytest.mark.parametrize(("controller", "stopped"), [("--gloo", "rank"), ("--mpi", "rank"), ("--mpi", "input")])
+def test_a_stopped_rank_ends_the_job_within_the_hang_timeout(tiny_data, tmp_path, controller, stopped):
+    """kill -STOP of rank 1 mid-epoch (alive and silent, as a rank with a driver fault looks from outside):
+    under MPI nothing else would ever end the job (Horovod's negotiation blocks in an MPI collective). Or
+    of its input alone (its DataLoader processes: a rank stuck reading a hung file system, its Horovod thread
+    alive). Rank 0's watchdog ends rank 0 with its one line, and the launcher ends the job, the stopped
+    processes included; nothing is left behind."""
+    job = Job(tmp_path, two_ranks(controller), tiny_data, "--epochs", "100", "--hang-timeout", str(HANG_TIMEOUT),
+              *TINY_TRAIN)
+    job.wait_for_output("epoch 2/100")  # epoch 1's checkpoint is written
+    time.sleep(1)
+    rank_1 = job.trainer(1)
+    victims = [rank_1] if stopped == "rank" else [p.pid for p in psutil.Process(rank_1).children(recursive=True)]
+    assert victims
+    for pid in victims:
+        os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    returncode = job.wait(timeout=HANG_TIMEOUT + 60)
+    took = time.monotonic() - stopped
+    output = job.text()
+    # the margin: the watchdog's check interval, then the launcher's teardown (horovodrun: SIGTERM, 5 s, SIGKILL)
+    assert returncode != 0 and HANG_TIMEOUT - 3 < took < HANG_TIMEOUT + 30, (returncode, took, output[-3000:])
+    lines = [line for line in output.splitlines() if "rank 0 (host" in line and "no progress for" in line]
+    assert len(lines) == 1, output[-3000:]
+    assert f"(--hang-timeout {HANG_TIMEOUT}) in training (the last step completed: " in lines[0]
+    assert "ending this rank (exit status 4)" in lines[0]
+    named = Path(lines[0].split("--resume continues from ")[1])  # the newest checkpoint, complete
+    assert named == checkpoint.list_checkpoints(job.output / "checkpoints")[-1]
+    checkpoint.load(job.output / "checkpoints")
+    if controller == "--gloo":
+        assert "Process 0 exit with status code 4." in output, output[-3000:]
+    else:  # mpirun: "... process rank 0 ... exited with non-zero status" / "Exit code: 4"
+        assert "Exit code:    4" in output, output[-3000:]
+    job.wait_until_all_gone()
+
+
+def test_slow_evaluation_and_checkpoint_do_not_stop_a_healthy_run(tmp_path_factory, tmp_path):
+    """--hang-timeout T counts silence, not slowness: an evaluation longer than T (1,200 val images per rank
+    for ResNet-50) makes progress with every batch, and a checkpoint write that rank 0 spends 0.75 T in
+    (stopped while its .tmp file is open, as a write blocked in a slow file system is) while rank 1 waits in
+    the next step is shorter than T. The run ends 0 with both epochs."""
+    data = tmp_path_factory.mktemp("bigval") / "data"
+    make_dataset(data, classes=4, train_per_class=12, val_per_class=600, seed=1, workers=2)
+    timeout = 15  # s: 3 times the start-up here; evaluation takes twice as long
+    job = Job(tmp_path, two_ranks("--gloo"), data, "--epochs", "2", "--hang-timeout", str(timeout), *TINY_TRAIN,
+              "--arch", "resnet50", "--image-size", "64", "--val-resize", "72")
+    writing = job.output / "checkpoints" / ".epoch-0001.pt.tmp"
+    job.wait_for_output("epoch 1/2", timeout=240)
+    rank_0 = job.trainer(0)
+    while not writing.exists() and job.process.poll() is None:  # the write of ResNet-50's 188 MB takes ~1 s
+        time.sleep(0.005)
+    os.kill(rank_0, signal.SIGSTOP)
+    stopped_mid_write = writing.exists()
+    time.sleep(0.75 * timeout)
+    os.kill(rank_0, signal.SIGCONT)
+    assert job.wait(timeout=240) == 0, job.text()[-3000:]
+    assert stopped_mid_write
+    assert "no progress for" not in job.text()
+    records = read_jsonl(job.output / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["val_seconds"] > timeout for r in records), [r["val_seconds"] for r in records]
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
@@ -224,10 +351,10 @@ def test_skip_nonfinite_counts_skipped_steps_and_keeps_the_weights_finite(tiny_d
     assert parameters and all(torch.isfinite(w).all() for w in parameters)
 
 
-def elastic_job(tiny_data, tmp_path, hosts_before: str, hosts_after: str, np: int, extra=()):
+def elastic_job(tiny_data, tmp_path, hosts_before: str, hosts_after: str, np: int, epochs: int, extra=()) -> Job:
     """horovodrun elastic on this machine: "localhost" and "127.0.0.1" are two hosts to Horovod, both local.
     The discovery script switches from hosts_before to hosts_after once epoch 1's checkpoint exists, so the
-    change lands in epoch 2 (noticed at the next commit, every 2 steps)."""
+    change lands in epoch 2 or later (noticed at the next commit, every 2 steps)."""
     output = tmp_path / "run"
     script = tmp_path / "discover_hosts.sh"
     script.write_text("#!/bin/sh\n"
@@ -236,35 +363,73 @@ def elastic_job(tiny_data, tmp_path, hosts_before: str, hosts_after: str, np: in
     script.chmod(0o755)
     # --network-interface: without it Horovod's elastic driver waits for 2 hosts to probe their common
     # interfaces, and a job that starts on one host never starts.
-    command = [str(BIN / "horovodrun"), "-np", str(np), "--min-np", "1", "--max-np", "2", "--network-interface", "lo",
-               "--host-discovery-script", str(script), "hvd-imagenet", "train", "--elastic",
-               "--elastic-commit-steps", "2", "--data", str(tiny_data), "--output", str(output), "--epochs", "3",
-               "--loader", "torchvision", *extra, *TINY_TRAIN]
-    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return output, result
+    launch = ["-np", str(np), "--min-np", "1", "--max-np", "2", "--network-interface", "lo",
+              "--host-discovery-script", str(script)]
+    return Job(tmp_path, launch, tiny_data, "--elastic", "--elastic-commit-steps", "2", "--epochs", str(epochs),
+               *TINY_TRAIN, *extra)
+
+
+def finish(job: Job) -> tuple[str, list[dict]]:
+    """The job's output and metrics records, once it has ended 0."""
+    assert job.wait(timeout=300) == 0, job.text()[-6000:]
+    return job.text(), read_jsonl(job.output / "metrics.jsonl")
+
+
+def world_sizes_change_once(records: list[dict], before: int, after: int) -> int:
+    """How many epochs ended on `before` ranks, checking that all the others ended on `after`, and at least
+    one on each."""
+    sizes = [r["world_size"] for r in records]
+    changed = sizes.index(after) if after in sizes else len(sizes)
+    assert 1 <= changed < len(sizes) and sizes == [before] * changed + [after] * (len(sizes) - changed), sizes
+    return changed
 
 
 def test_elastic_job_loses_a_worker_and_finishes(tiny_data, tmp_path):
     """2 workers; in epoch 2 the discovery script drops one host. The other goes on alone: global batch
     8 -> 4, lr halved (linear scaling rule), epoch 2 finished from where the last commit left it with
     every image read once, epoch 3 on one worker."""
-    output, result = elastic_job(tiny_data, tmp_path, "localhost:1\\n127.0.0.1:1\\n", "localhost:1\\n", np=2)
-    assert "elastic: 2 -> 1 ranks; global batch 8 -> 4" in result.stdout
-    records = read_jsonl(output / "metrics.jsonl")
+    job = elastic_job(tiny_data, tmp_path, "localhost:1\\n127.0.0.1:1\\n", "localhost:1\\n", np=2, epochs=3)
+    output, records = finish(job)
+    assert "elastic: 2 -> 1 ranks; global batch 8 -> 4" in output
     assert [(r["epoch"], r["world_size"]) for r in records] == [(1, 2), (2, 1), (3, 1)]
     assert [r["train_images"] for r in records] == [48, 48, 48]
     assert records[2]["lr"] == pytest.approx(0.1 * 4 / 256 * 0.1)
     assert all(math.isfinite(r["val_loss"]) for r in records)
 
 
+def test_elastic_job_loses_a_worker_killed_with_9_and_finishes(tiny_data, tmp_path):
+    """kill -9 of one of 2 workers in epoch 2 (a failure, not a removal by the discovery script): the other
+    rolls back to the last commit, goes on alone from there (global batch 8 -> 4, lr halved) and finishes.
+    What is lost is the steps since that commit: each epoch still counts each of its 48 images once (the
+    images read before and after the change partition the epoch: test_an_epoch_continued_...)."""
+    both = "localhost:1\\n127.0.0.1:1\\n"
+    job = elastic_job(tiny_data, tmp_path, both, both, np=2, epochs=4, extra=("--status-every", "0.001"))
+    job.wait_for_output("epoch 2/4 step 3/6 ")  # a status line after every step: the commit at step 2 is done
+    os.kill(job.trainer(1), signal.SIGKILL)
+    output, records = finish(job)
+    assert "elastic: 2 -> 1 ranks; global batch 8 -> 4" in output, output[-4000:]
+    went_on = [line for line in output.splitlines() if "goes on from image" in line]
+    assert len(went_on) == 1, output[-4000:]
+    image = int(went_on[0].split("goes on from image ")[1].split()[0])
+    assert image in (16, 32)  # the commit after step 2 or 4 of epoch 2 (every 2 steps, kn=8): what was kept
+    world_sizes_change_once(records, before=2, after=1)
+    assert [r["train_images"] for r in records] == [48] * 4
+    assert records[-1]["lr"] == pytest.approx(0.1 * 4 / 256 * 0.1)
+    assert all(math.isfinite(r["val_loss"]) for r in records)
+    job.wait_until_all_gone()
+
+
 def test_elastic_job_takes_in_a_worker_that_joins(tiny_data, tmp_path):
-    output, result = elastic_job(tiny_data, tmp_path, "localhost:1\\n", "localhost:1\\n127.0.0.1:1\\n", np=1)
-    assert "elastic: 1 -> 2 ranks; global batch 4 -> 8" in result.stdout
-    records = read_jsonl(output / "metrics.jsonl")
-    assert [(r["epoch"], r["world_size"]) for r in records] == [(1, 1), (2, 2), (3, 2)]
-    assert [r["train_images"] for r in records] == [48, 48, 48]
-    assert len(set(records[2]["weights_digests"])) == 1  # the newcomer holds the same weights
+    """1 worker; after epoch 1 the discovery script adds a host. The newcomer starts (a few seconds here),
+    gets rank 0's state and joins at a commit of epoch 2 or later; every epoch counts its 48 images once and
+    the last ends with the same weights on both."""
+    job = elastic_job(tiny_data, tmp_path, "localhost:1\\n", "localhost:1\\n127.0.0.1:1\\n", np=1, epochs=4)
+    output, records = finish(job)
+    assert "elastic: 1 -> 2 ranks; global batch 4 -> 8" in output
+    world_sizes_change_once(records, before=1, after=2)
+    assert [r["train_images"] for r in records] == [48] * 4
+    digests = records[-1]["weights_digests"]
+    assert len(digests) == 2 and len(set(digests)) == 1  # the newcomer holds the same weights
 
 
 def test_elastic_outside_an_elastic_launch_is_a_clear_error(tiny_data, tmp_path):

@@ -5,6 +5,8 @@ a user would. Then the 32 x 8 GPU topology on 32 emulated nodes with the script'
 place of the trainer. The tests skip, saying why, where SLURM cannot be started (not root, not installed).
 """
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -116,6 +118,46 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(slurm, tiny_data, tmp_
             assert torch.allclose(wa[name], wb[name], rtol=1e-5, atol=1e-6), name
         else:
             assert torch.equal(wa[name], wb[name]), name
+
+
+def task_trainer(job_id: str, task: int) -> int | None:
+    """The PID of task `task`'s `hvd-imagenet train` process in SLURM job `job_id`."""
+    wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={task}".encode()}
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:  # not a process, gone, or not ours to read
+            continue
+        if any(part.endswith(b"hvd-imagenet") for part in command) and b"train" in command and wanted <= environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_hung_task_ends_the_job_step_within_the_hang_timeout(slurm, tiny_data, tmp_path):
+    """Task 1 stopped with SIGSTOP in epoch 2, under srun --mpi=pmix as the cluster runs it: task 0's
+    watchdog ends task 0 after HANG_TIMEOUT, srun (--kill-on-bad-exit) ends the step, the stopped task
+    included, and the job ends failed, without a requeue."""
+    hang_timeout = 20  # s: 3-5 times the start-up to the first step here
+    env = {**job_env(slurm, tiny_data, tmp_path / "run", f"--epochs 100 --batch-size 4 {TINY}"),
+           "HANG_TIMEOUT": str(hang_timeout)}
+    _, job_id = sbatch(env, tmp_path, *ONE_CPU_NODE, wait=False)
+    deadline = time.monotonic() + 120
+    while "epoch 2/100" not in job_log(tmp_path, job_id):  # epoch 1's checkpoint is written
+        assert time.monotonic() < deadline, job_log(tmp_path, job_id)
+        time.sleep(0.5)
+    victim = task_trainer(job_id, 1)
+    assert victim, job_log(tmp_path, job_id)
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    wait_until_gone(slurm, job_id, timeout=hang_timeout + 60)
+    took = time.monotonic() - stopped
+    log = job_log(tmp_path, job_id)
+    assert took < hang_timeout + 30, (took, log[-3000:])
+    assert "rank 0 (host" in log and f"(--hang-timeout {hang_timeout}) in training" in log, log[-3000:]
+    assert "task 0: Exited with exit code 4" in log, log[-3000:]  # srun names the task and its status
+    assert "requeueing" not in log and not (tmp_path / "run" / "stopped.json").exists()
+    assert task_trainer(job_id, 0) is None and task_trainer(job_id, 1) is None
 
 
 STUB = """#!/bin/bash

@@ -13,7 +13,7 @@ from hvd_imagenet.model import build_model, weights_digest
 from conftest import BIN, TINY_TRAIN, cli_env, read_jsonl, run_cli, run_horovod
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_sec",
-               "epoch_seconds", "world_size", "global_batch", "val_images", "steps", "weights_digests"}
+               "epoch_seconds", "val_seconds", "world_size", "global_batch", "val_images", "steps", "weights_digests"}
 
 
 def check_run(output, epochs, global_batch, val_images):
