@@ -120,9 +120,12 @@ def shaped_namespace(link: str):
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def measure_link(prefix: list[str], megabytes: int = 64) -> float:
-    """Bits per second of one TCP stream over lo in the namespace (a check that the shaping took)."""
-    code = f"from hvd_imagenet.bench.launch import _tcp_rate; print(_tcp_rate({megabytes}))"
+def measure_link(prefix: list[str], megabytes: int = 64, streams: int = 3) -> float:
+    """Bits per second of a TCP stream over lo in the namespace (a check that the shaping took): the best of
+    `streams` in a row, since a stall of this busy machine only ever lowers a stream's rate (one stream alone
+    once read 0.78 of a 1 Gbit/s link here, with the tests running)."""
+    code = (f"from hvd_imagenet.bench.launch import _tcp_rate; "
+            f"print(max(_tcp_rate({megabytes}) for _ in range({streams})))")
     out = subprocess.run([*prefix, sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return float(out.strip())
 
