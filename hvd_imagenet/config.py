@@ -35,7 +35,8 @@ def _resnet_names() -> list[str]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = opt("ImageNet-layout data set: DIR/train/<class>/*, DIR/val/<class>/*", "")
+    data: str = opt("the data set: a folder tree DIR/train/<class>/*, DIR/val/<class>/*, or packed shards "
+                    "(hvd-imagenet pack); %%n stands for the node's name (a node-local copy: hvd-imagenet stage)", "")
     output: str = opt("run directory: config.json, metrics.jsonl, checkpoints/", "")
     checkpoint_dir: str = opt("where checkpoints go (default: OUTPUT/checkpoints)", "")
     arch: str = opt("any torchvision ResNet, or cifar_resnet8/14/20 (He et al. 2016, for small images; the study's)",

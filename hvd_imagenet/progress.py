@@ -1,15 +1,19 @@
-"""Rank 0's progress within an epoch: a tqdm bar on a terminal; under a launcher (stdout a pipe or a file, as
-horovodrun, mpirun and SLURM give it) a plain status line every `every` seconds that a person can tail:
+"""Progress a person can follow.
+
+EpochProgress, rank 0's progress within an epoch: a tqdm bar on a terminal; under a launcher (stdout a pipe or a
+file, as horovodrun, mpirun and SLURM give it) a plain status line every `every` seconds that a person can tail:
 
     epoch 2/90 step 1200/5004 | loss 3.412 | lr 0.4210 | 2513.4 img/s | epoch ETA 0:01:31 | run ETA 2:14:05
 
 (tqdm's carriage-return redraws arrive there as one endless line behind horovodrun's `[0]<stdout>:` prefix.)
 Reading the loss is a host sync: it happens on rank 0 alone, only when a line or the bar is drawn.
+WorkProgress: the same two forms for the long data commands (prepare-imagenet, pack, stage).
 """
 from __future__ import annotations
 
 import datetime
 import sys
+import threading
 import time
 
 from tqdm import tqdm
@@ -64,3 +68,50 @@ class EpochProgress:
 
 def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class WorkProgress:
+    """Progress of a long command (prepare-imagenet, pack, stage): a tqdm bar on a terminal; elsewhere (a batch
+    job's log) a plain line every `every` seconds and one at the end, on stderr:
+
+        pack: 412/1000 classes (41 %), 52.1 GB, 380.2 MB/s, ETA 0:04:10
+
+    `update(count, size)` adds finished units (classes, images, shards) and bytes, from any thread."""
+
+    def __init__(self, what: str, total: int, unit: str, every: float = 30.0, terminal: bool | None = None):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.done, self.bytes = 0, 0
+        self.start = self.last_line = time.perf_counter()
+        self.lock = threading.Lock()
+        terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.bar = tqdm(total=total, desc=what, unit=unit, file=sys.stderr, dynamic_ncols=True) if terminal else None
+
+    def update(self, count: int = 1, size: int = 0) -> None:
+        with self.lock:
+            self.done, self.bytes = self.done + count, self.bytes + size
+            now = time.perf_counter()
+            if self.bar is not None:
+                self.bar.update(count)
+                self.bar.set_postfix_str(f"{self.bytes / 1e9:.1f} GB, "
+                                         f"{self.bytes / 1e6 / (now - self.start):.1f} MB/s", refresh=False)
+            elif now - self.last_line >= self.every:
+                self.last_line = now
+                print(self.line(now), file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        seconds = max(now - self.start, 1e-9)
+        left = (self.total - self.done) * seconds / self.done if self.done else 0
+        return (f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f} %), "
+                f"{self.bytes / 1e9:.2f} GB, {self.bytes / 1e6 / seconds:.1f} MB/s, ETA {_duration(left)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.done:
+            print(self.line(time.perf_counter()), file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

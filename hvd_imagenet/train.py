@@ -28,8 +28,8 @@ from . import checkpoint, comm, gpu
 from .checkpoint import Checkpoint, Progress
 from .config import TrainConfig
 from .context import DistContext
-from .data import LOADERS, Loaders, build_loaders
-from .data.layout import check_layout
+from .data import LOADERS, Loaders, build_loaders, check_data
+from .data.stage import node_path
 from .errors import Diverged, UserError
 from .flags import Command
 from .metrics import EpochSums, RunWriter, format_table, read_metrics, summarize
@@ -53,7 +53,7 @@ def main(config: TrainConfig) -> None:
     watchdog = Watchdog(config.hang_timeout, str(checkpoints), comm.rank_if_started).start()
     # Inputs first: every rank fails the same way, at once, before any rank spends time.
     if LOADERS[config.loader].reads_files:
-        check_layout(Path(config.data))
+        check_data(Path(config.data))
     if not (config.resume or config.elastic) and checkpoint.list_checkpoints(checkpoints):
         raise UserError(f"{checkpoints} already holds checkpoints of a run; pass --resume to continue it, or "
                         "choose a new --output")
@@ -485,7 +485,7 @@ def command(config: TrainConfig) -> int:
     srun) sees the non-zero status and ends the job. The ranks that survive a failed peer say so in one line
     each, not a traceback each from hundreds of ranks."""
     try:
-        main(config)
+        main(dataclasses.replace(config, data=node_path(config.data)))  # a node-local copy (stage.py)
     except comm.PeerFailure:
         raise UserError(f"rank {comm.rank_if_started()}: stopped: another rank failed (or, under Gloo, stopped "
                         "responding for HOROVOD_GLOO_TIMEOUT_SECONDS) and Horovod shut down; the launcher's log "

@@ -123,9 +123,11 @@ print(format_report(json.load(open(sys.argv[1]))))' "$results/bench-train-$slug.
   if "$venv/bin/python" -c 'import nvidia.dali' 2>/dev/null; then
     data=$(mktemp -d)
     "${cli[@]}" make-dataset --output "$data/images" --classes 50 --train-per-class 100 --val-per-class 2
-    say "bench-loader: 5,000 JPEGs of 200-500 px, DALI on the GPU against torchvision DataLoader workers"
-    "${cli[@]}" bench-loader --data "$data/images" --loader dali,torchvision --dali-device gpu --batch-size 128 \
-      --epochs 3 --repeats 3 --json > "$results/bench-loader-$slug.json"
+    "${cli[@]}" pack --data "$data/images" --output "$data/shards"
+    say "bench-loader: 5,000 JPEGs of 200-500 px as files and as packed shards, DALI on the GPU against" \
+        "torchvision DataLoader workers"
+    "${cli[@]}" bench-loader --data "$data/images" --data "$data/shards" --loader dali,torchvision \
+      --dali-device gpu --batch-size 128 --epochs 3 --repeats 3 --json > "$results/bench-loader-$slug.json"
     "$venv/bin/python" -c 'import json, sys; from hvd_imagenet.bench.loader import format_report
 print(format_report(json.load(open(sys.argv[1]))))' "$results/bench-loader-$slug.json"
     rm -rf "$data"

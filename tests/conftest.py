@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny generated data set and helpers that run the real CLI, alone or under horovodrun."""
+"""Shared fixtures: tiny generated data sets (plain, with real ImageNet's odd files, packed into shards) and
+helpers that run the real CLI, alone or under horovodrun."""
 import json
 import os
 import subprocess
@@ -6,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from hvd_imagenet.data.make_dataset import make_dataset
 
@@ -48,3 +51,52 @@ def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "data"
     make_dataset(root, classes=4, train_per_class=12, val_per_class=5, seed=1, workers=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def odd_data(tmp_path_factory) -> Path:
+    """What real ImageNet holds besides RGB JPEGs: grayscale and CMYK JPEGs, a PNG named .JPEG."""
+    root = tmp_path_factory.mktemp("odd") / "data"
+    make_dataset(root, classes=2, train_per_class=3, val_per_class=2, seed=4, workers=2)
+    for split in ("train", "val"):
+        first, second = sorted((root / split).iterdir())
+        with Image.open(sorted(first.iterdir())[0]) as image:
+            rgb = image.copy()
+        rgb.convert("L").save(first / "odd_gray.JPEG")
+        rgb.convert("CMYK").save(first / "odd_cmyk.JPEG")
+        rgb.save(second / "odd_png.JPEG", format="PNG")
+    return root
+
+
+def add_broken(data, how: str):
+    """A copy of `data` with one broken train file: truncated JPEG, or bytes that are no image at all."""
+    folder = sorted((data / "train").iterdir())[0]
+    source = sorted(folder.iterdir())[0].read_bytes()
+    path = folder / f"broken_{how}.JPEG"
+    path.write_bytes(source[: len(source) // 2] if how == "truncated" else b"this is not an image" * 50)
+    return path
+
+
+def pack(data: Path, output: Path, shard_size_mb: float = 0.25) -> Path:
+    """`hvd-imagenet pack`, small shards so that even the tiny sets span several."""
+    result = run_cli("pack", "--data", data, "--output", output, "--shard-size-mb", shard_size_mb, "--workers", 2)
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data packed."""
+    return pack(tiny_data, tmp_path_factory.mktemp("tiny-shards") / "shards")
+
+
+def assert_epoch_2_equal(whole: Path, split: Path) -> None:
+    """A run resumed after epoch 1 (`split`) ends epoch 2 as the uninterrupted run (`whole`): the same metrics
+    and the same weights, bit for bit."""
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    assert len(a) == len(b) == 2
+    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "weights_digests"):
+        assert a[1][key] == b[1][key], key
+    wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[name], wb[name]) for name in wa)

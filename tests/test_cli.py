@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 
+from hvd_imagenet.cli import COMMANDS, main
+
 from conftest import run_cli
 
 
@@ -87,3 +89,12 @@ def test_schedule_paper_numbers():
 def test_schedule_rejects_warmup_past_the_end():
     result = run_cli("schedule", "--world-size", "8", "--epochs", "2", "--iters-per-epoch", "10")
     assert result.returncode == 2 and "longer than --epochs" in result.stderr
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_prints_its_help(command, capsys):
+    """--help of every command (argparse %-formats help texts: a stray % in one breaks it)."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert f"usage: hvd-imagenet {command}" in capsys.readouterr().out

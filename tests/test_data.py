@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 import torch
-from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from hvd_imagenet.context import DistContext
@@ -19,7 +18,7 @@ from hvd_imagenet.data.make_dataset import make_dataset
 from hvd_imagenet.data.shards import train_shard, val_shard
 from hvd_imagenet.errors import UserError
 
-from conftest import run_cli
+from conftest import add_broken, run_cli
 
 LOADERS = ["dali", "torchvision"]
 CPU = torch.device("cpu")
@@ -45,30 +44,6 @@ def one_per_class(tmp_path_factory):
     root = tmp_path_factory.mktemp("unique") / "data"
     make_dataset(root, classes=10, train_per_class=1, val_per_class=1, seed=3, workers=2)
     return root
-
-
-@pytest.fixture(scope="module")
-def odd_data(tmp_path_factory):
-    """What real ImageNet holds besides RGB JPEGs: grayscale and CMYK JPEGs, a PNG named .JPEG."""
-    root = tmp_path_factory.mktemp("odd") / "data"
-    make_dataset(root, classes=2, train_per_class=3, val_per_class=2, seed=4, workers=2)
-    for split in ("train", "val"):
-        first, second = sorted((root / split).iterdir())
-        with Image.open(sorted(first.iterdir())[0]) as image:
-            rgb = image.copy()
-        rgb.convert("L").save(first / "odd_gray.JPEG")
-        rgb.convert("CMYK").save(first / "odd_cmyk.JPEG")
-        rgb.save(second / "odd_png.JPEG", format="PNG")
-    return root
-
-
-def add_broken(data, how: str):
-    """A copy of `data` with one broken train file: truncated JPEG, or bytes that are no image at all."""
-    folder = sorted((data / "train").iterdir())[0]
-    source = sorted(folder.iterdir())[0].read_bytes()
-    path = folder / f"broken_{how}.JPEG"
-    path.write_bytes(source[: len(source) // 2] if how == "truncated" else b"this is not an image" * 50)
-    return path
 
 
 def test_samples_are_imagefolders(odd_data, tmp_path):

@@ -1,5 +1,6 @@
 """docker/Dockerfile without a Docker engine: hadolint clean, and the versions it pins are the ones
 `make setup` installs (scripts/versions.env), so the image runs what the tests ran."""
+import importlib.metadata
 import os
 import re
 import shutil
@@ -60,6 +61,18 @@ def test_pinned_versions_match_make_setup():
     assert torch.__version__.split("+")[0] == versions["TORCH_VERSION"]
     if torch.version.cuda:
         assert torch.version.cuda.split(".")[0] == cuda_major
+
+
+def test_the_image_pins_every_install_requirement_at_the_tested_version():
+    """The image installs the package with --no-deps, then its requirements pinned: each of setup.py's, at the
+    version `make setup` installed here (a requirement added to setup.py alone would be missing in the image)."""
+    required = re.search(r"install_requires=\[(.*?)\]", (ROOT / "setup.py").read_text()).group(1)
+    names = re.findall(r'"([A-Za-z0-9_.-]+)"', required)
+    pins = dict(re.findall(r"\b([A-Za-z0-9_.-]+)==(\S+)", next(
+        arg for name, arg in instructions() if name == "RUN" and "--no-deps /src" in arg)))
+    assert names and set(names) <= set(pins), set(names) - set(pins)
+    for name in names:
+        assert pins[name] == importlib.metadata.version(name), name
 
 
 def test_multi_stage_non_root_and_check_build_last():

@@ -2,8 +2,9 @@
 On a machine without a CUDA GPU every test here skips with the reason, so `make test` stays green there.
 
 Checked: the CUDA stack this build needs; DALI's `mixed` decode (nvJPEG) against its CPU decode, landing on
-cuda:local_rank; Horovod's NCCL collectives on NHWC tensors; amp-fp16 and amp-bf16 training steps of `train`
-with NHWC weights; the step's host syncs in CUDA's own sync debug mode against host_sync.SYNC_BUDGET."""
+cuda:local_rank, and the same batches from packed shards (external_source) as from the folder tree; Horovod's
+NCCL collectives on NHWC tensors; amp-fp16 and amp-bf16 training steps of `train` with NHWC weights; the step's
+host syncs in CUDA's own sync debug mode against host_sync.SYNC_BUDGET."""
 import json
 
 import pytest
@@ -61,6 +62,18 @@ def test_dali_mixed_decode_matches_cpu_decode_and_lands_on_the_gpu(tiny_data):
     images, labels = dali_batches(tiny_data, "gpu", "train", channels_last=True)[0]
     assert images.device == labels.device == torch.device("cuda", 0)
     assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
+
+
+def test_dali_mixed_decode_reads_packed_shards_as_the_tree(tiny_data, tiny_shards):
+    """Packed shards feed nvJPEG through fn.external_source (bytes read on the host): the same train and val
+    batches, bit for bit, as fn.readers.file on the folder tree, random crops included (explicit seeds)."""
+    needs_dali()
+    for split in ("train", "val"):
+        tree, shards = dali_batches(tiny_data, "gpu", split), dali_batches(tiny_shards, "gpu", split)
+        assert len(tree) == len(shards) > 0
+        for (tree_images, tree_labels), (shard_images, shard_labels) in zip(tree, shards):
+            assert shard_images.device == shard_labels.device == torch.device("cuda", 0)
+            assert torch.equal(tree_labels, shard_labels) and torch.equal(tree_images, shard_images)
 
 
 def test_nccl_collectives_on_nhwc_tensors(tmp_path):

@@ -120,6 +120,45 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(slurm, tiny_data, tmp_
             assert torch.equal(wa[name], wb[name]), name
 
 
+def test_staging_copies_the_shards_to_each_node_once_and_trains_from_the_copies(tiny_shards, tmp_path):
+    """STAGE_DIR on 2 emulated nodes, one task each, the script unmodified: one task per node copies the packed
+    shards to its node's directory (%n), then the 2 ranks train from their node's copy over MPI between the
+    nodes. The next job finds both copies identical and copies nothing but the one file damaged in between."""
+    cluster = LocalSlurm.start(nodes=2, cpus_per_node=1)
+    try:
+        stage = tmp_path / "stage"
+        env = {**job_env(cluster, tiny_shards, tmp_path / "first", f"--epochs 1 --batch-size 4 {TINY} --loader dali"),
+               "STAGE_DIR": f"{stage}/%n",
+               # Open MPI between "nodes" that are one machine: TCP on loopback (the environment's notes)
+               "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+        two_nodes = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+        status, job_id = sbatch(env, tmp_path, *two_nodes)
+        log = job_log(tmp_path, job_id)
+        assert status == 0, log
+        files = sorted(p.name for p in tiny_shards.iterdir())
+        for node in ("node01", "node02"):
+            assert f"stage ({node}): copied {len(files) - 1} files" in log, log  # and index.json last
+            assert sorted(p.name for p in (stage / node).iterdir()) == files
+            assert all((stage / node / name).read_bytes() == (tiny_shards / name).read_bytes() for name in files)
+        config = json.loads((tmp_path / "first" / "config.json").read_text())
+        assert config["data"] == f"{stage}/node01" and config["world_size"] == 2  # rank 0 read node01's copy
+        assert config["input"].endswith("read from packed shards by 8 threads")
+        records = read_jsonl(tmp_path / "first" / "metrics.jsonl")
+        assert records[0]["val_images"] == 20 and records[0]["train_images"] == 48
+        assert records[0]["weights_digests"][0] == records[0]["weights_digests"][1]
+
+        damaged = stage / "node02" / "train-000001.tar"
+        damaged.write_bytes(damaged.read_bytes()[:512])
+        status, job_id = sbatch({**env, "OUTPUT_DIR": str(tmp_path / "second")}, tmp_path, *two_nodes)
+        log = job_log(tmp_path, job_id)
+        assert status == 0, log
+        assert "stage (node01): an identical copy is in" in log and "nothing copied" in log, log
+        assert "stage (node02): copied 1 files" in log and f"kept {len(files) - 2} already there" in log, log
+        assert damaged.read_bytes() == (tiny_shards / damaged.name).read_bytes()
+    finally:
+        cluster.stop()
+
+
 def task_trainer(job_id: str, task: int) -> int | None:
     """The PID of task `task`'s `hvd-imagenet train` process in SLURM job `job_id`."""
     wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={task}".encode()}

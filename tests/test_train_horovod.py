@@ -10,7 +10,7 @@ from PIL import Image
 
 from hvd_imagenet.model import build_model, weights_digest
 
-from conftest import BIN, TINY_TRAIN, cli_env, read_jsonl, run_cli, run_horovod
+from conftest import BIN, TINY_TRAIN, assert_epoch_2_equal, cli_env, read_jsonl, run_cli, run_horovod
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_sec",
                "epoch_seconds", "val_seconds", "world_size", "global_batch", "val_images", "steps", "weights_digests"}
@@ -62,18 +62,6 @@ def test_mpi_fp16_virtual_workers(tiny_data, tmp_path):
     assert "input: DALI, decoding on the CPU, 1 threads per rank" in result.stdout
     records, state = check_run(output, epochs=1, global_batch=16, val_images=20)
     assert state["step"] == 3  # 6 micro-batches per rank / 2 per step
-
-
-def assert_epoch_2_equal(whole: Path, split: Path) -> None:
-    """A run resumed after epoch 1 (`split`) ends epoch 2 as the uninterrupted run (`whole`): the same metrics
-    and the same weights, bit for bit."""
-    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
-    assert len(a) == len(b) == 2
-    for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "weights_digests"):
-        assert a[1][key] == b[1][key], key
-    wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
-    wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
-    assert all(torch.equal(wa[name], wb[name]) for name in wa)
 
 
 @pytest.mark.parametrize("loader", ["dali", "torchvision"])

@@ -3,8 +3,8 @@
 Three loaders (--loader; LOADERS has one entry each): `dali` (NVIDIA DALI: GPU decode on GPU machines, CPU
 threads elsewhere), `torchvision` (PIL in DataLoader worker processes) and `synthetic` (one fixed batch on the
 device). To add one, write its builder module here and add its entry to LOADERS. The real ones read the same
-samples (layout.list_samples: ImageFolder's files and labels, minus what a --file-list excludes) and split them
-among ranks the same way (shards.py).
+samples (ImageFolder's images and labels, minus what a --file-list excludes) and split them among ranks the
+same way (shards.py), from a folder tree (samples.FileSamples) or from packed shards (packed.PackedSamples).
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # torch and the loaders are imported when a loader is built, 
 
     from ..config import TrainConfig
     from ..context import DistContext
+    from .packed import PackedSamples
+    from .samples import FileSamples
 
 
 @dataclass(frozen=True)
@@ -53,17 +55,31 @@ class Loaders:
 
 @dataclass(frozen=True)
 class Samples:
-    train: list[tuple[str, int]]  # (path, label), ImageFolder's order
-    val: list[tuple[str, int]]
+    train: FileSamples | PackedSamples  # ImageFolder's order
+    val: FileSamples | PackedSamples
     num_classes: int
+
+
+def check_data(data: Path) -> list[str]:
+    """The class names of --data (a folder tree or packed shards), or a UserError that says what is wrong."""
+    from .layout import check_layout
+    from .packed import is_packed, read_index
+
+    return read_index(data)["classes"] if is_packed(data) else check_layout(data)
 
 
 def read_samples(data: Path, file_list: str) -> Samples:
     from .layout import class_folders, list_samples, read_file_list
+    from .packed import is_packed, read_index, read_packed
+    from .samples import FileSamples
 
     allowed = read_file_list(Path(file_list)) if file_list else None
+    if is_packed(data):
+        index = read_index(data)
+        return Samples(*(read_packed(data, index, split, allowed) for split in ("train", "val")),
+                       len(index["classes"]))
     classes = class_folders(data / "train")
-    return Samples(list_samples(data, "train", classes, allowed), list_samples(data, "val", classes, allowed),
+    return Samples(*(FileSamples(data, list_samples(data, split, classes, allowed)) for split in ("train", "val")),
                    len(classes))
 
 

@@ -2,12 +2,13 @@
 
 Real ImageNet is not clean: its training set holds grayscale JPEGs, CMYK JPEGs and a PNG saved as .JPEG. Both
 loaders decode those to RGB (they are reported, not excluded). A truncated or corrupt file would stop a job
-mid-epoch; check-data lists them and writes a file list without them for `train --file-list`.
+mid-epoch; check-data lists them and writes a file list without them for `train --file-list`. It reads a
+folder tree or packed shards (`hvd-imagenet pack`) alike; a file list holds the images' paths in the tree.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from ..cpus import available_cpus
 from ..flags import Command, check, opt
-from .layout import check_layout, list_samples
+from . import Samples, check_data, read_samples
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
@@ -42,11 +43,12 @@ class ImageReport:
         return ", ".join(notes) or None
 
 
-def inspect_image(path: str) -> tuple[str | None, str | None, str | None]:
-    """(format, mode, problem) of one file, decoding all of it (a truncated file fails only at its end).
-    A JPEG decodes at 1/8 scale (libjpeg's DCT scaling): every byte is still read, at a fraction of the cost."""
+def inspect_image(source: str | bytes) -> tuple[str | None, str | None, str | None]:
+    """(format, mode, problem) of one image (a file's path, or its bytes), decoding all of it (a truncated file
+    fails only at its end). A JPEG decodes at 1/8 scale (libjpeg's DCT scaling): every byte is still read, at
+    a fraction of the cost."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image_format, mode = image.format, image.mode
             if image_format == "JPEG":
                 image.draft(mode, (image.width // 8, image.height // 8))
@@ -56,28 +58,39 @@ def inspect_image(path: str) -> tuple[str | None, str | None, str | None]:
         return None, None, str(error) or type(error).__name__
 
 
-def image_problem(path: str) -> str | None:
-    return inspect_image(path)[2]
+def image_problem(source: str | bytes) -> str | None:
+    return inspect_image(source)[2]
 
 
-def _inspect(item: tuple[str, str]) -> ImageReport:
-    absolute, relative = item
-    return ImageReport(relative, *inspect_image(absolute))
+_samples: Samples | None = None  # in each scan worker process: the data set it reads from
+
+
+def _load_samples(samples: Samples) -> None:
+    global _samples
+    _samples = samples
+
+
+def _inspect(item: tuple[str, int]) -> ImageReport:
+    split, index = item
+    samples = getattr(_samples, split)
+    return ImageReport(samples.relative_path(index), *inspect_image(samples.read(index)))
 
 
 def scan(data: Path, workers: int = 0, progress: bool = True) -> list[ImageReport]:
-    """Every image file of train/ and val/ (the files the loaders would read), inspected in parallel."""
-    classes = check_layout(data)
-    paths = [path for split in ("train", "val") for path, _ in list_samples(data, split, classes, None)]
-    items = [(path, os.path.relpath(path, data)) for path in paths]
-    with ProcessPoolExecutor(max_workers=workers or available_cpus()) as pool:
+    """Every image of train and val (what the loaders would read), inspected in parallel."""
+    check_data(data)
+    samples = read_samples(data, "")
+    items = [(split, index) for split in ("train", "val") for index in range(len(getattr(samples, split)))]
+    with ProcessPoolExecutor(max_workers=workers or available_cpus(), initializer=_load_samples,
+                             initargs=(samples,)) as pool:
         reports = list(tqdm(pool.map(_inspect, items, chunksize=64), total=len(items), unit="file",
                             desc="check-data", disable=None if progress else True))  # None: off when not a TTY
     return reports
 
 
-def summary(reports: list[ImageReport]) -> str:
-    """Counts per split and class (smallest and largest classes), then every odd and every unreadable file."""
+def summary(reports: list[ImageReport], limit: int | None = None, more: str = "") -> str:
+    """Counts per split and class (smallest and largest classes), then the odd and the unreadable files (every
+    one, or the first `limit` of each kind and `more`, where to find the rest)."""
     lines = []
     for split, per_class in per_class_counts(reports).items():
         counts = sorted(per_class.values())
@@ -87,11 +100,20 @@ def summary(reports: list[ImageReport]) -> str:
         lines.append(f"  smallest classes: {', '.join(f'{name} {count}' for name, count in smallest)}")
     odd = [r for r in reports if r.problem is None and r.oddity]
     bad = [r for r in reports if r.problem]
-    lines.append(f"odd but readable (decoded to RGB by both loaders): {len(odd)}")
-    lines += [f"  {r.path}: {r.oddity}" for r in odd]
-    lines.append(f"unreadable: {len(bad)}")
-    lines += [f"  {r.path}: {r.problem}" for r in bad]
+    for title, found, what in (("odd but readable (decoded to RGB by both loaders)", odd, "oddity"),
+                               ("unreadable", bad, "problem")):
+        lines.append(f"{title}: {len(found)}")
+        lines += [f"  {r.path}: {getattr(r, what)}" for r in found[:limit]]
+        if limit is not None and len(found) > limit:
+            lines.append(f"  ... {len(found) - limit} more: {more}")
     return "\n".join(lines)
+
+
+def json_report(data: Path, reports: list[ImageReport]) -> dict:
+    """What `check-data --json` prints."""
+    return {"data": str(data), "images": len(reports), "per_class": per_class_counts(reports),
+            "odd": {r.path: r.oddity for r in reports if r.problem is None and r.oddity},
+            "unreadable": {r.path: r.problem for r in reports if r.problem}}
 
 
 def per_class_counts(reports: list[ImageReport]) -> dict[str, dict[str, int]]:
@@ -112,7 +134,7 @@ def write_file_list(reports: list[ImageReport], path: Path) -> int:
 
 @dataclass(frozen=True)
 class CheckDataOptions:
-    data: str = opt("DIR/train/<class>/*, DIR/val/<class>/*")
+    data: str = opt("DIR/train/<class>/*, DIR/val/<class>/*, or packed shards (hvd-imagenet pack)")
     write_file_list: str = opt("write the readable files here, for train --file-list", "")
     workers: int = opt("processes (0: all cores)", 0, min=0)
     json: bool = opt("machine-readable report on stdout", False)
@@ -126,11 +148,7 @@ def run(options: CheckDataOptions) -> int:
     reports = scan(data, options.workers, progress=not options.json)
     unreadable = [r for r in reports if r.problem]
     if options.json:
-        print(json.dumps({
-            "data": str(data), "images": len(reports), "per_class": per_class_counts(reports),
-            "odd": {r.path: r.oddity for r in reports if r.problem is None and r.oddity},
-            "unreadable": {r.path: r.problem for r in unreadable},
-        }, indent=1))
+        print(json.dumps(json_report(data, reports), indent=1))
     else:
         print(summary(reports))
     if options.write_file_list:

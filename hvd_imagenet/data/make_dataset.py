@@ -10,6 +10,9 @@ class order.
 Handwritten Digits", 8x8 px, 16 gray levels), upsampled to DIGIT_SIZE px and centered on a black canvas of
 DIGIT_CANVAS px (room for the scale augmentation's crops), as grayscale JPEG files. The split is fixed: every
 DIGITS_VAL_EVERY-th image (in scikit-learn's order) is val, the rest train: 1,438 train, 359 val.
+
+--kind archives: shapes in the three official ImageNet downloads' formats (make_archives.py), the input of
+`prepare-imagenet`.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from ..errors import UserError
 from ..flags import Command, check, opt
 
 SHAPES = ("ellipse", "rectangle", "triangle", "ring")
-KINDS = ("shapes", "digits")
+KINDS = ("shapes", "digits", "archives")
 DIGIT_SIZE = 16  # px, from 8: x2, bicubic (8 px hold all there is; 16 px give the crops room)
 DIGIT_CANVAS = 20  # px; the study trains on 16 px crops and evaluates the center 16 px of the 18 px resize
 DIGITS_VAL_EVERY = 5
@@ -49,30 +52,36 @@ def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
     return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
-def render(job: ImageJob) -> None:
-    rng = np.random.default_rng(job.seed)
+def draw(class_index: int, num_classes: int, seed: tuple[int, ...]) -> tuple[Image.Image, int]:
+    """One image of a class, and the JPEG quality to save it at (75-95)."""
+    rng = np.random.default_rng(seed)
     width, height = (int(v) for v in rng.integers(200, 501, size=2))
     background = np.array(_rgb(rng.random(), 0.25, 0.55), dtype=np.float32)
     pixels = background + rng.normal(0, 28, size=(height, width, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
-    hue = job.class_index / job.num_classes + rng.normal(0, 0.012)
+    hue = class_index / num_classes + rng.normal(0, 0.012)
     color = _rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0))
     size = rng.uniform(0.35, 0.75) * min(width, height)
     cx, cy = rng.uniform(size / 2, width - size / 2), rng.uniform(size / 2, height - size / 2)
     box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
-    draw = ImageDraw.Draw(image)
-    shape = SHAPES[job.class_index % len(SHAPES)]
+    pen = ImageDraw.Draw(image)
+    shape = SHAPES[class_index % len(SHAPES)]
     if shape == "ellipse":
-        draw.ellipse(box, fill=color)
+        pen.ellipse(box, fill=color)
     elif shape == "rectangle":
-        draw.rectangle(box, fill=color)
+        pen.rectangle(box, fill=color)
     elif shape == "triangle":
-        draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=color)
+        pen.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=color)
     else:
-        draw.ellipse(box, outline=color, width=max(3, int(size / 6)))
+        pen.ellipse(box, outline=color, width=max(3, int(size / 6)))
+    return image, int(rng.integers(75, 96))
+
+
+def render(job: ImageJob) -> None:
+    image, quality = draw(job.class_index, job.num_classes, job.seed)
     job.path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(job.path, "JPEG", quality=int(rng.integers(75, 96)))
+    image.save(job.path, "JPEG", quality=quality)
 
 
 def refuse_nonempty(output: Path) -> None:
@@ -127,13 +136,15 @@ SHAPES_DEFAULTS = {"classes": 10, "train_per_class": 100, "val_per_class": 20, "
 class MakeDatasetOptions:
     output: str = opt("the data set's directory (new or empty)")
     kind: str = opt("shapes: generated colored shapes, 200-500 px; digits: scikit-learn's 1,797 handwritten digits "
-                    "(real), 20 px, a fixed train/val split", "shapes", choices=KINDS)
-    classes: int | None = opt(f"shapes: classes (default {SHAPES_DEFAULTS['classes']})", None, min=2)
+                    "(real), 20 px, a fixed train/val split; archives: shapes as the official ImageNet downloads "
+                    "(train and val tars, devkit, Kaggle's val labels), for prepare-imagenet", "shapes",
+                    choices=KINDS)
+    classes: int | None = opt(f"shapes, archives: classes (default {SHAPES_DEFAULTS['classes']})", None, min=2)
     train_per_class: int | None = opt(
-        f"shapes: train images per class (default {SHAPES_DEFAULTS['train_per_class']})", None, min=1)
+        f"shapes, archives: train images per class (default {SHAPES_DEFAULTS['train_per_class']})", None, min=1)
     val_per_class: int | None = opt(
-        f"shapes: val images per class (default {SHAPES_DEFAULTS['val_per_class']})", None, min=1)
-    seed: int | None = opt(f"shapes: seed (default {SHAPES_DEFAULTS['seed']})", None)
+        f"shapes, archives: val images per class (default {SHAPES_DEFAULTS['val_per_class']})", None, min=1)
+    seed: int | None = opt(f"shapes, archives: seed (default {SHAPES_DEFAULTS['seed']})", None)
     workers: int = opt("processes (0: all cores)", 0, min=0)
 
     def __post_init__(self):
@@ -147,10 +158,19 @@ def run(options: MakeDatasetOptions) -> None:
         if given:
             raise UserError(f"--kind digits is a fixed data set (10 classes, a fixed split); drop {' '.join(given)}")
         count = make_digits(output)
-    else:
-        values = {name: default if getattr(options, name) is None else getattr(options, name)
-                  for name, default in SHAPES_DEFAULTS.items()}
-        count = make_dataset(output, **values, workers=options.workers)
+        print(f"make-dataset: wrote {count} JPEG files to {output}")
+        return
+    values = {name: default if getattr(options, name) is None else getattr(options, name)
+              for name, default in SHAPES_DEFAULTS.items()}
+    if options.kind == "archives":
+        from .make_archives import make_archives
+
+        archives = make_archives(output, **values)
+        print(f"make-dataset: wrote {len(archives.wnids)} classes as the official ImageNet archives to {output}; next:"
+              f"\n  hvd-imagenet prepare-imagenet --train-tar {archives.train} --val-tar {archives.val} --devkit "
+              f"{archives.devkit} --output DIR --no-verify")
+        return
+    count = make_dataset(output, **values, workers=options.workers)
     print(f"make-dataset: wrote {count} JPEG files to {output}")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -11,14 +12,16 @@ import threading
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
-from torchvision.datasets.folder import pil_loader
 
 from ..context import DistContext
 from ..config import TrainConfig
 from ..errors import UserError
 from . import Loaders, Samples, default_threads
+from .packed import PackedSamples
+from .samples import FileSamples
 from .shards import train_shard, val_shard
 
 # ImageNet's per-channel mean and std, the normalization of the paper's Sec. 5.1 (and of torchvision's models).
@@ -27,10 +30,11 @@ STD = (0.229, 0.224, 0.225)
 
 
 class ImageFiles(Dataset):
-    """(path, label) samples decoded by PIL to 3-channel RGB: grayscale and CMYK JPEGs and a PNG named .JPEG
-    (all in real ImageNet) load like any other; an unreadable file is an error that names it."""
+    """Images of a sample list (files or packed shards) decoded by PIL to 3-channel RGB: grayscale and CMYK
+    JPEGs and a PNG named .JPEG (all in real ImageNet) load like any other; an unreadable image is an error
+    that names it."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform):
+    def __init__(self, samples: FileSamples | PackedSamples, transform):
         self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
@@ -40,12 +44,12 @@ class ImageFiles(Dataset):
         if isinstance(item, tuple):  # (index, augmentation seed) from EpochShard
             item, seed = item
             torch.manual_seed(seed)
-        path, label = self.samples[item]
         try:
-            image = pil_loader(path)  # Image.open(...).convert("RGB")
+            with Image.open(io.BytesIO(self.samples.read(item))) as encoded:
+                image = encoded.convert("RGB")
         except OSError as error:  # truncated, corrupt, not an image (PIL.UnidentifiedImageError is an OSError)
-            raise UserError(unreadable_message(path, error)) from None
-        return self.transform(image), label
+            raise UserError(unreadable_message(self.samples.name(item), error)) from None
+        return self.transform(image), self.samples.label(item)
 
 
 def unreadable_message(path: str, reason) -> str:
@@ -145,7 +149,7 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples)
         transforms.ToTensor(),
         normalize,
     ]))
-    val_set = ImageFiles([samples.val[i] for i in val_shard(len(samples.val), ctx.rank, ctx.size)],
+    val_set = ImageFiles(samples.val.subset(val_shard(len(samples.val), ctx.rank, ctx.size)),
                          transforms.Compose([
                              transforms.Resize(config.val_resize),  # single center crop of the resized image
                              transforms.CenterCrop(config.image_size),  # (Sec. 5.1)
@@ -166,5 +170,6 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples)
         train_batches=len(train),
         num_classes=samples.num_classes,
         set_epoch=sampler.set_epoch,
-        description=f"torchvision DataLoader, {options['num_workers']} worker processes per rank",
+        description=f"torchvision DataLoader, {options['num_workers']} worker processes per rank"
+                    + (", read from packed shards" if isinstance(samples.train, PackedSamples) else ""),
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data.layout import check_layout
+from ..data import check_data
 from ..errors import Diverged, UserError
 from ..flags import Command, check, opt
 from ..metrics import read_metrics
@@ -72,7 +72,7 @@ def log_tail(run: Run, lines: int = 15) -> str:
 
 def run_all(runs: list[Run], scale: Scale, data: Path) -> None:
     """Every run not yet finished, with a progress bar over runs and one line per run."""
-    check_layout(data)
+    check_data(data)
     todo = [run for run in runs if not finished(run, scale.epochs)]
     if len(todo) < len(runs):
         print(f"study: {len(runs) - len(todo)} of {len(runs)} runs finished earlier; running the other {len(todo)}")
