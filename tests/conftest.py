@@ -10,6 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from hvd_imagenet.config import TrainConfig
+from hvd_imagenet.context import DistContext
+from hvd_imagenet.data import build_loaders
 from hvd_imagenet.data.make_dataset import make_dataset
 
 BIN = Path(sys.executable).parent  # the venv's bin: hvd-imagenet, horovodrun
@@ -39,6 +42,18 @@ def run_horovod(*args, np=2, controller="--gloo", timeout=300, check=True) -> su
     if check:
         assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
+
+
+def rank(r: int, size: int) -> DistContext:
+    """Rank r of `size`, on the CPU: building its loaders needs no other rank."""
+    return DistContext(rank=r, local_rank=0, size=size, local_size=1, device=torch.device("cpu"))
+
+
+def loaders(data, loader, ctx, **overrides):
+    """One rank's loaders at test scale: 32 px crops, batch 2, one worker or thread."""
+    options = dict(data=str(data), output="unused", loader=loader, batch_size=2, image_size=32, val_resize=36,
+                   workers=1, dali_threads=1)
+    return build_loaders(TrainConfig(**{**options, **overrides}), ctx)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -10,28 +10,14 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from hvd_imagenet.context import DistContext
-from hvd_imagenet.config import TrainConfig
-from hvd_imagenet.data import build_loaders
 from hvd_imagenet.data.layout import class_folders, list_samples
 from hvd_imagenet.data.make_dataset import make_dataset
 from hvd_imagenet.data.shards import train_shard, val_shard
 from hvd_imagenet.errors import UserError
 
-from conftest import add_broken, run_cli
+from conftest import add_broken, loaders, rank, run_cli
 
 LOADERS = ["dali", "torchvision"]
-CPU = torch.device("cpu")
-
-
-def rank(r: int, size: int) -> DistContext:
-    return DistContext(rank=r, local_rank=0, size=size, local_size=1, device=CPU)
-
-
-def loaders(data, loader, ctx, **overrides):
-    options = dict(data=str(data), output="unused", loader=loader, batch_size=2, image_size=32, val_resize=36,
-                   workers=1, dali_threads=1)
-    return build_loaders(TrainConfig(**{**options, **overrides}), ctx)
 
 
 def labels_of(batches) -> list[int]:

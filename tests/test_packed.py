@@ -13,21 +13,13 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from hvd_imagenet.config import TrainConfig
-from hvd_imagenet.context import DistContext
-from hvd_imagenet.data import build_loaders, check_data
+from hvd_imagenet.data import check_data
 from hvd_imagenet.errors import UserError
 
-from conftest import TINY_TRAIN, add_broken, assert_epoch_2_equal, pack, read_jsonl, run_cli, run_horovod
+from conftest import (TINY_TRAIN, add_broken, assert_epoch_2_equal, loaders, pack, rank, read_jsonl, run_cli,
+                      run_horovod)
 
 LOADERS = ["dali", "torchvision"]
-
-
-def loaders(data, loader, rank=0, size=1, **overrides):
-    options = dict(data=str(data), output="unused", loader=loader, batch_size=4, image_size=32, val_resize=36,
-                   workers=1, dali_threads=1)
-    ctx = DistContext(rank=rank, local_rank=0, size=size, local_size=1, device=torch.device("cpu"))
-    return build_loaders(TrainConfig(**{**options, **overrides}), ctx)
 
 
 def batches(pipes, epoch=None, images_done=0):
@@ -92,8 +84,8 @@ def test_pack_writes_tars_that_tar_reads_and_an_index_that_points_into_them(tiny
 def test_loaders_read_the_same_images_in_the_same_order_from_shards(tiny_data, tiny_shards, loader):
     """Train batches of 2 ranks in two epochs and after a resume within an epoch, and val: equal tensors from
     the tree and from the shards (DALI's random crops too: its random operators have explicit seeds)."""
-    for rank in (0, 1):
-        tree, shards = loaders(tiny_data, loader, rank, 2), loaders(tiny_shards, loader, rank, 2)
+    for r in (0, 1):
+        tree, shards = (loaders(data, loader, rank(r, 2), batch_size=4) for data in (tiny_data, tiny_shards))
         for epoch, images_done in ((0, 0), (1, 0), (1, 16)):
             assert_same_batches(batches(tree, epoch, images_done), batches(shards, epoch, images_done))
         assert_same_batches(batches(tree), batches(shards))
@@ -118,7 +110,7 @@ def test_odd_files_file_list_and_a_broken_image_in_shards(odd_data, tmp_path):
     assert len(checked[shards]["odd"]) == 6
 
     for loader in LOADERS:
-        pipes = loaders(shards, loader, batch_size=10)
+        pipes = loaders(shards, loader, rank(0, 1), batch_size=10)
         pipes.set_epoch(0)
         with pytest.raises(UserError, match=rf"cannot decode {broken.relative_to(tree)} in {shards}/train-0000"):
             list(pipes.train)
@@ -127,7 +119,7 @@ def test_odd_files_file_list_and_a_broken_image_in_shards(odd_data, tmp_path):
     assert run_cli("check-data", "--data", shards, "--write-file-list", file_list).returncode == 0
     assert str(broken.relative_to(tree)) not in file_list.read_text()
     for loader in LOADERS:
-        pipes = loaders(shards, loader, batch_size=1, file_list=str(file_list))
+        pipes = loaders(shards, loader, rank(0, 1), batch_size=1, file_list=str(file_list))
         images = [b for b, _ in batches(pipes, 0)] + [b for b, _ in batches(pipes)]
         assert len(images) == 9 + 7  # every readable file, the broken one left out
         assert all(b.shape[1:] == (3, 32, 32) and torch.isfinite(b).all() for b in images)
@@ -147,7 +139,7 @@ def test_shard_files_are_opened_once_and_closed_with_the_loaders(tiny_shards):
 
     gc.collect()  # earlier tests' loaders (reference cycles) go first
     before = open_shards()
-    pipes = loaders(tiny_shards, "dali")
+    pipes = loaders(tiny_shards, "dali", rank(0, 1), batch_size=4)
     for epoch in (0, 1):
         batches(pipes, epoch)
     shards = len(json.loads((tiny_shards / "index.json").read_text())["splits"]["train"]["shards"])

@@ -25,7 +25,7 @@ from ..flags import Command, check, opt
 from ..progress import WorkProgress
 from .layout import check_layout, list_samples
 from .make_dataset import refuse_nonempty
-from .packed import FORMAT, INDEX, SPLITS, TSV_HEADER, VERSION
+from .packed import FORMAT, INDEX, SPLITS, TSV_HEADER, VERSION, sha256_of
 
 PACK_ORDER_SEED = 0
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -101,14 +101,6 @@ def write_shard(path: Path, members: list[Member], progress: WorkProgress) -> tu
     return {"bytes": offset, "sha256": digest.hexdigest()}, entries
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def list_members(data: Path, split: str, classes: list[str], pool: ThreadPoolExecutor) -> list[Member]:
     samples = list_samples(data, split, classes, None)
     sizes = pool.map(lambda item: Path(item[0]).stat().st_size, samples)  # a stat each, in parallel
@@ -142,7 +134,7 @@ def pack_split(data: Path, output: Path, split: str, classes: list[str], shard_b
         out.write(TSV_HEADER)
         for member, (shard, offset, size) in zip(members, rows):
             out.write(f"{shard}\t{offset}\t{size}\t{member.label}\t{member.relative}\n")
-    files[tsv.name] = {"bytes": tsv.stat().st_size, "sha256": sha256_file(tsv)}
+    files[tsv.name] = {"bytes": tsv.stat().st_size, "sha256": sha256_of(tsv)}
     return {"index": tsv.name, "images": len(members), "shards": names, "files": files}
 
 

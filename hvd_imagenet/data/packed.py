@@ -15,6 +15,7 @@ SHARDS/ holds:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -29,6 +30,15 @@ FORMAT = "hvd-imagenet packed shards"
 VERSION = 1
 SPLITS = ("train", "val")
 TSV_HEADER = "shard\toffset\tsize\tlabel\tpath\n"
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, as index.json holds it for each file of a pack."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_packed(data: Path) -> bool:

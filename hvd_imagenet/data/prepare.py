@@ -34,7 +34,7 @@ from ..cpus import available_cpus
 from ..errors import UserError
 from ..flags import Command, check, opt
 from ..progress import WorkProgress
-from .check import ImageReport, inspect_image, json_report, per_class_counts, summary, write_file_list
+from .check import ImageReport, inspect_image, json_report, summary, write_file_list
 from .layout import check_layout
 
 # The published ILSVRC2012 archives (torchvision.datasets.imagenet.ARCHIVE_META) and the set's counts.
@@ -278,19 +278,21 @@ def finish(output: Path, classes: list[str], verified: bool) -> int:
     state = output / STATE
     reports = [ImageReport(**r) for wnid in classes for r in json.loads((state / "train" / f"{wnid}.json").read_text())]
     reports += [ImageReport(**r) for r in json.loads((state / "val.json").read_text())]
-    counts = {split: sum(per_class.values()) for split, per_class in per_class_counts(reports).items()}
+    report = json_report(output, reports)
+    counts = {split: sum(per_class.values()) for split, per_class in report["per_class"].items()}
     counts["classes"] = len(classes)
     print(summary(reports, limit=10, more=f"{output / REPORT} lists them all"))
     write_file_list(reports, output / FILE_LIST)
-    (output / REPORT).write_text(json.dumps(json_report(output, reports), indent=1))
+    (output / REPORT).write_text(json.dumps(report, indent=1))
     found = f"{counts['train']:,} train and {counts['val']:,} val images in {counts['classes']:,} classes"
+    official = "{train:,} / {val:,} / {classes:,}".format(**OFFICIAL_COUNTS)
     if counts == OFFICIAL_COUNTS:
         print(f"prepare-imagenet: {found}: the official ILSVRC2012 counts")
     elif verified:
-        raise UserError(f"{output}: {found} from the published archives, which hold 1,281,167 / 50,000 / 1,000; "
-                        "the output directory holds other files, or a disk error lost some")
+        raise UserError(f"{output}: {found} from the published archives, which hold {official}; the output "
+                        "directory holds other files, or a disk error lost some")
     else:
-        print(f"prepare-imagenet: {found} (the official set: 1,281,167 / 50,000 / 1,000; --no-verify: another set)")
+        print(f"prepare-imagenet: {found} (the official set: {official}; --no-verify: another set)")
     unreadable = sum(1 for r in reports if r.problem)
     advice = (f"train with --file-list {output / FILE_LIST} to leave them out" if unreadable
               else f"all readable; {output / FILE_LIST} lists them")

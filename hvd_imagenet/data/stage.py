@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..flags import Command, check, opt
 from ..progress import WorkProgress
-from .packed import INDEX, read_index
+from .packed import INDEX, read_index, sha256_of
 
 COPY_THREADS = 4  # parallel copies: a parallel file system serves several streams faster than one
 CHUNK = 8 << 20
@@ -33,14 +33,6 @@ CHUNK = 8 << 20
 def node_path(path: str) -> str:
     """`path` with %n replaced by this node's name (SLURM's, else the host's)."""
     return path.replace("%n", os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0])
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def copy_checked(source: Path, target: Path, sha256: str, progress: WorkProgress) -> None:
