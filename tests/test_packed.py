@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from hvd_imagenet.data import check_data
+from hvd_imagenet.data import check_data, stage
 from hvd_imagenet.errors import UserError
 
 from conftest import (TINY_TRAIN, add_broken, assert_epoch_2_equal, loaders, pack, rank, read_jsonl, run_cli,
@@ -158,6 +158,15 @@ def test_an_incomplete_copy_of_the_shards_is_one_clear_error(tiny_shards, tmp_pa
         check_data(copy)
     result = run_cli("check-data", "--data", copy)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stage_refuses_a_target_without_the_space_and_copies_nothing(tiny_shards, tmp_path, monkeypatch):
+    """`stage` checks the free space before it copies (disk_usage answers as a nearly full disk would)."""
+    need = sum(meta["bytes"] for meta in json.loads((tiny_shards / "index.json").read_text())["files"].values())
+    monkeypatch.setattr(stage.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
+    with pytest.raises(UserError, match=rf"--to {tmp_path / 'local'}: 0.00 GB to copy, 0.00 GB free there"):
+        stage.stage(tiny_shards, tmp_path / "local", workers=2)
+    assert list((tmp_path / "local").iterdir()) == []
 
 
 def test_bench_loader_counts_the_files_opened_per_epoch(tiny_data, tiny_shards):

@@ -1,6 +1,7 @@
 """`hvd-imagenet prepare-imagenet` on small archives in the exact official formats (data/make_archives.py):
 the ImageFolder tree with every val image in its labelled class, the odd files reported, a re-run that skips
 finished classes, the md5 check, and one-line errors for a missing, corrupt or mismatched archive."""
+import io
 import json
 import os
 import tarfile
@@ -9,7 +10,8 @@ import pytest
 from torchvision.datasets import ImageFolder
 
 from hvd_imagenet.data import prepare
-from hvd_imagenet.data.make_archives import make_archives
+from hvd_imagenet.data.make_archives import add_file, make_archives
+from hvd_imagenet.errors import UserError
 
 from conftest import run_cli
 
@@ -75,7 +77,8 @@ def test_the_md5_check_refuses_other_archives_and_remembers_a_match(archives, tm
     assert f"--train-tar {archives.train}: md5 " in result.stderr
     assert "is not that of the published ILSVRC2012_img_train.tar (1d675b47d978889d74fa0da5fadfb00e)" in result.stderr
 
-    # The same check with these archives' sums as the published ones: it passes, and a second run reads nothing.
+    # The same check with these archives' sums as the published ones: it passes, a whole run then wants the
+    # official counts, and a second check of the same state directory reads nothing.
     sums = {role: prepare.md5_of(path, prepare.WorkProgress("md5", 1, "archives", terminal=False))
             for role, path in (("train", archives.train), ("val", archives.val), ("devkit", archives.devkit))}
     monkeypatch.setattr(prepare, "OFFICIAL", {role: (name, sums[role]) for role, (name, _) in prepare.OFFICIAL.items()})
@@ -84,8 +87,42 @@ def test_the_md5_check_refuses_other_archives_and_remembers_a_match(archives, tm
     roles = {"train": archives.train, "val": archives.val, "devkit": archives.devkit}
     prepare.verify(roles, state)
     assert len(json.loads((state / "verified.json").read_text())) == 3
+    options = prepare.PrepareOptions(train_tar=str(archives.train), val_tar=str(archives.val),
+                                     devkit=str(archives.devkit), output=str(tmp_path / "verified"), workers=2)
+    with pytest.raises(UserError, match="15 train and 12 val images in 3 classes from the published archives, "
+                                        "which hold 1,281,167 / 50,000 / 1,000"):
+        prepare.run(options)
     monkeypatch.setattr(prepare, "md5_of", lambda *_: pytest.fail("hashed again"))
     prepare.verify(roles, state)
+
+
+def test_an_unreadable_image_is_left_out_of_the_file_list_and_exits_1(archives, tmp_path):
+    """A truncated JPEG in a class's tar: the tree is complete (the file is there), check-data's report names
+    it, readable-files.txt leaves it out, and the exit status is 1."""
+    first = archives.wnids[0]
+    broken_name = f"{first}_9999.JPEG"
+    train = tmp_path / "ILSVRC2012_img_train.tar"
+    with tarfile.open(archives.train) as source, tarfile.open(train, "w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            if member.name == f"{first}.tar":
+                inner = io.BytesIO(data)
+                with tarfile.open(fileobj=io.BytesIO(data)) as old, tarfile.open(fileobj=inner, mode="w") as new:
+                    for image in old.getmembers():
+                        new.addfile(image, old.extractfile(image))
+                        whole = old.extractfile(image).read()
+                    add_file(new, broken_name, whole[: len(whole) // 2])
+                data = inner.getvalue()
+            add_file(target, member.name, data)
+    output = tmp_path / "imagenet"
+    result = prepare_cli(type(archives)(**{**archives.__dict__, "train": train}), output)
+    assert result.returncode == 1, result.stderr
+    broken = f"train/{first}/{broken_name}"
+    assert (output / broken).is_file()
+    assert list(json.loads((output / "check-data.json").read_text())["unreadable"]) == [broken]
+    listed = (output / "readable-files.txt").read_text().splitlines()
+    assert len(listed) == 27 and broken not in listed
+    assert f"1 unreadable images: train with --file-list {output / 'readable-files.txt'}" in result.stdout
 
 
 def truncated(path, tmp_path):

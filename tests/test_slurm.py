@@ -262,21 +262,25 @@ def test_unmodified_headers_place_tasks_on_emulated_gpu_nodes(tmp_path):
 
 
 APPTAINER = """#!/bin/bash
-# Stands in for apptainer: prints the directories the container would see (--bind), then runs the command
-# on the host.
+# Stands in for apptainer: prints the directories the container would see (--bind) and the command, then runs
+# the command on the host.
 shift  # exec
 while [ "$1" = --nv ] || [ "$1" = --bind ]; do
   if [ "$1" = --bind ]; then echo "BIND $2"; shift; fi
   shift
 done
 shift  # the image
+echo "RUN $*"
 exec "$@"
 """
 
 
-def test_a_container_job_mounts_every_directory_it_writes(slurm, tmp_path):
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_a_container_job_mounts_every_directory_it_writes(slurm, tmp_path, staged):
     """CONTAINER_RUNTIME=apptainer with OUTPUT_DIR and CHECKPOINT_DIR outside the submit directory: both are
-    bound into the container (else checkpoints would be written inside it and lost), the data read-only."""
+    bound into the container (else checkpoints would be written inside it and lost), the data read-only. With
+    STAGE_DIR (here with %n) its part before %n is bound too, `stage` runs once per node in the container and
+    the trainers read the staged copy."""
     for name, text in (("apptainer", APPTAINER), ("stub.sh", STUB)):
         (tmp_path / "bin").mkdir(exist_ok=True)
         (tmp_path / "bin" / name).write_text(text)
@@ -288,10 +292,20 @@ def test_a_container_job_mounts_every_directory_it_writes(slurm, tmp_path):
     env = {**cli_env(), **slurm.env, "PATH": f"{tmp_path / 'bin'}:{cli_env()['PATH']}",
            "HVD_IMAGENET": str(tmp_path / "bin" / "stub.sh"), "DATA_DIR": str(data), "OUTPUT_DIR": str(output),
            "CHECKPOINT_DIR": str(checkpoints), "CONTAINER_RUNTIME": "apptainer", "CONTAINER_IMAGE": "image.sif"}
+    local = tmp_path / "local"
+    if staged:
+        env["STAGE_DIR"] = f"{local}/%n"
     result = subprocess.run(["sbatch", "--wait", "--parsable", f"--output={tmp_path}/%j.out", *ONE_CPU_NODE,
                              str(SBATCH)], capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
     log = job_log(tmp_path, result.stdout.strip().split(";")[0])
     assert result.returncode == 0, result.stderr + log
     binds = {line.split()[1] for line in log.splitlines() if line.startswith("BIND ")}
-    assert binds == {f"{data}:{data}:ro", str(workdir), str(output), str(checkpoints)}, log
-    assert len([line for line in log.splitlines() if line.startswith("TASK ")]) == 2
+    assert binds == {f"{data}:{data}:ro", str(workdir), str(output), str(checkpoints)} | ({str(local)} if staged
+                                                                                          else set()), log
+    runs = [line.split()[2:] for line in log.splitlines() if line.startswith("RUN ")]
+    stages = [run for run in runs if run[0] == "stage"]
+    trains = [run for run in runs if run[0] == "train"]
+    assert stages == ([["stage", "--shards", str(data), "--to", f"{local}/%n"]] if staged else []), log
+    assert len(trains) == 2 and all(run[run.index("--data") + 1] == (f"{local}/%n" if staged else str(data))
+                                    for run in trains), log
+    assert len([line for line in log.splitlines() if line.startswith("TASK ")]) == 2 + staged
