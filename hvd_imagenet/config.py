@@ -55,7 +55,11 @@ class TrainConfig:
         "al.: 0.08); small images of whole objects (the study's digits) want more", 0.08, above=0, max=1)
     val_resize: int = opt("val: shorter side resized to this, then center crop", 256, min=1)
     batches_per_allreduce: int = opt(
-        "virtual workers: micro-batches of n per rank per step, each with its own BN stats", 1, min=1)
+        "virtual workers one after another: forward/backward passes per rank per step, gradients accumulated", 1,
+        min=1)
+    virtual_workers_per_pass: int = opt(
+        "virtual workers in one pass: each forward/backward takes V x n images, BN statistics over each n "
+        "(ghost BN, Sec. 2.3). kn = ranks x batches-per-allreduce x V x n", 1, min=1)
     compression: str = opt(f"gradient compression on the wire: {', '.join(COMPRESSIONS)} (docs/communication.md)",
                            "none", choices=tuple(COMPRESSIONS))
     powersgd_rank: int = opt("--compression powersgd: rank r of the factors P, Q", 2, above=0)
@@ -135,6 +139,11 @@ class TrainConfig:
             raise UserError("--output is required")
         if LOADERS[self.loader].reads_files and not self.data:
             raise UserError("--data is required (or --loader synthetic)")
+
+    @property
+    def pass_batch(self) -> int:
+        """Images per forward/backward pass on a rank, V x n: the loaders' batch."""
+        return self.virtual_workers_per_pass * self.batch_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

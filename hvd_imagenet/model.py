@@ -1,5 +1,8 @@
-"""torchvision ResNet with the paper's initialization and weight-decay groups (Goyal et al. Sec. 2.3, 5.1)."""
+"""torchvision ResNet with the paper's initialization and weight-decay groups (Goyal et al. Sec. 2.3, 5.1), and BN
+over groups of a batch for virtual workers in one pass."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torchvision.models
@@ -16,16 +19,71 @@ def resnet_names() -> list[str]:
     return sorted([name for name in torchvision.models.resnet.__all__ if name[0].islower()] + [*SMALL_IMAGE_RESNETS])
 
 
-def build_model(arch: str, num_classes: int, zero_init_residual: bool) -> torch.nn.Module:
+def build_model(arch: str, num_classes: int, zero_init_residual: bool,
+                virtual_workers: int = 1) -> torch.nn.Module:
     """A freshly initialized ResNet: a torchvision one by name, or a small-image one (SMALL_IMAGE_RESNETS).
 
     zero_init_residual: gamma = 0 in the last BN of each residual block, so every block starts as the identity
     (Sec. 5.1, "Batch normalization"); torchvision implements exactly this (bn3 of Bottleneck, bn2 of BasicBlock).
+    virtual_workers: V > 1 gives every BN layer GroupedBatchNorm2d's statistics, per group of 1/V of a batch.
     """
+    norm_layer = functools.partial(GroupedBatchNorm2d, groups=virtual_workers)
     if arch in SMALL_IMAGE_RESNETS:
-        return SmallImageResNet(SMALL_IMAGE_RESNETS[arch], num_classes, zero_init_residual)
+        return SmallImageResNet(SMALL_IMAGE_RESNETS[arch], num_classes, zero_init_residual, norm_layer)
     constructor = getattr(torchvision.models, arch)
-    return constructor(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    return constructor(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual,
+                       norm_layer=norm_layer)
+
+
+class GroupedBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are computed over each of `groups` consecutive equal parts
+    of the batch ("ghost" batch norm): one forward/backward of V x n images normalizes as V workers of n would
+    (Sec. 2.3: BN statistics over the n images of one worker, never over kn), so V virtual workers run in one
+    pass at an efficient batch instead of V passes of n. The gradients equal V passes of n to float tolerance
+    (tests/test_model.py).
+
+    Running statistics: the V groups' means and variances enter running_mean/var as V consecutive momentum
+    updates in group order, exactly what V passes of n would have left (closed form, on the device: no loop,
+    no host sync); num_batches_tracked counts V. Parameters and buffers are BatchNorm2d's, so a checkpoint
+    loads into a model with any number of groups. Eval mode and groups=1 are plain BatchNorm2d."""
+
+    def __init__(self, num_features: int, groups: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if self.momentum is None:  # a cumulative average would need each update's own factor
+            raise ValueError("GroupedBatchNorm2d needs a momentum (not None)")
+        self.groups = groups
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, groups={self.groups}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.groups == 1:
+            return super().forward(x)
+        if x.shape[0] % self.groups:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {self.groups} equal groups")
+        grouped = x.unflatten(0, (self.groups, -1))  # (V, n, C, H, W): a view in NCHW and channels_last alike
+        # Statistics in float32 at least (as cuDNN's BN under autocast): a copy for fp16/bf16 input only.
+        exact = grouped.to(torch.promote_types(x.dtype, torch.float32))
+        var, mean = torch.var_mean(exact, dim=(1, 3, 4), correction=0, keepdim=True)
+        scale = self.weight.view(1, 1, -1, 1, 1) * torch.rsqrt(var + self.eps)
+        shift = self.bias.view(1, 1, -1, 1, 1) - mean * scale
+        if self.track_running_stats:
+            self._update_running_stats(mean.view(self.groups, -1), var.view(self.groups, -1),
+                                       grouped[0].numel() // x.shape[1])
+        # y = x * scale + shift: one fused kernel, in the input's dtype (fp16/bf16 under autocast)
+        return torch.addcmul(shift.to(x.dtype), grouped, scale.to(x.dtype)).flatten(0, 1)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """V updates r <- (1-m) r + m s_i, i = 1..V, in one: r <- (1-m)^V r + sum_i m (1-m)^(V-i) s_i.
+        The variance enters unbiased (x count/(count-1)), as BatchNorm2d's."""
+        m, v = self.momentum, self.groups
+        weights = m * (1 - m) ** torch.arange(v - 1, -1, -1, device=mean.device, dtype=torch.float64)
+        weights = weights.to(mean.dtype).unsqueeze(1)
+        unbiased = var * (count / max(count - 1, 1))
+        self.running_mean.mul_((1 - m) ** v).add_((weights * mean).sum(0))
+        self.running_var.mul_((1 - m) ** v).add_((weights * unbiased).sum(0))
+        self.num_batches_tracked.add_(v)
 
 
 class SmallImageResNet(torch.nn.Module):
@@ -34,10 +92,11 @@ class SmallImageResNet(torch.nn.Module):
     that change shape are 1x1 convolutions with BN (torchvision's, He's option B). The study's stand-in for
     ResNet-50: 0.08-0.27M parameters instead of 25.6M, so a 2-core CPU runs thousands of steps an hour."""
 
-    def __init__(self, blocks_per_stage: int, num_classes: int, zero_init_residual: bool):
+    def __init__(self, blocks_per_stage: int, num_classes: int, zero_init_residual: bool,
+                 norm_layer=torch.nn.BatchNorm2d):
         super().__init__()
         nn = torch.nn
-        layers = [nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+        layers = [nn.Conv2d(3, 16, 3, padding=1, bias=False), norm_layer(16), nn.ReLU(inplace=True)]
         channels = 16
         for stage, width in enumerate((16, 32, 64)):
             for block in range(blocks_per_stage):
@@ -45,8 +104,8 @@ class SmallImageResNet(torch.nn.Module):
                 shortcut = None
                 if stride != 1 or channels != width:
                     shortcut = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False),
-                                             nn.BatchNorm2d(width))
-                layers.append(BasicBlock(channels, width, stride, shortcut))
+                                             norm_layer(width))
+                layers.append(BasicBlock(channels, width, stride, shortcut, norm_layer=norm_layer))
                 channels = width
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(channels, num_classes)

@@ -83,7 +83,8 @@ class ScheduleOptions:
     world_size: int = opt("number of workers k", min=1)
     iters_per_epoch: int = opt("optimizer steps per epoch", min=1)
     batch_size: int = opt("images per worker n", 32, min=1)
-    batches_per_allreduce: int = opt("virtual workers per rank", 1, min=1)
+    batches_per_allreduce: int = opt("passes per rank per step (train's)", 1, min=1)
+    virtual_workers_per_pass: int = opt("virtual workers per pass (train's)", 1, min=1)
     epochs: int = opt("epochs", 90, min=1)
     lr: LRPolicy = field(default_factory=LRPolicy)
 
@@ -93,7 +94,8 @@ class ScheduleOptions:
 
 
 def run(options: ScheduleOptions) -> None:
-    global_batch = options.world_size * options.batches_per_allreduce * options.batch_size
+    global_batch = (options.world_size * options.batches_per_allreduce * options.virtual_workers_per_pass
+                    * options.batch_size)
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["iteration", "epoch", "lr"])
     for iteration in range(options.epochs * options.iters_per_epoch):

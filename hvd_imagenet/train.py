@@ -99,7 +99,7 @@ def build_training(config: TrainConfig, num_classes: int, device: torch.device):
     """The model (zero-init residual gamma), Nesterov SGD without weight decay on BN/bias (Sec. 5.1) wrapped
     by Horovod for --compression, and the loss scaler (amp-fp16: fp16's narrow range needs it)."""
     torch.manual_seed(config.seed)
-    model = build_model(config.arch, num_classes, config.zero_init_residual).to(device)
+    model = build_model(config.arch, num_classes, config.zero_init_residual, config.virtual_workers_per_pass).to(device)
     if config.channels_last:  # NHWC weights as well as batches: no layout conversion at any convolution
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(  # lr 0 until the schedule sets it at the first step
@@ -114,7 +114,7 @@ def build_training(config: TrainConfig, num_classes: int, device: torch.device):
 
 
 def build_step(config: TrainConfig, model, optimizer, scaler, device: torch.device, on_phase=None) -> TrainStep:
-    """The optimizer step `train` runs (and bench-train times): config.batches_per_allreduce micro-batches,
+    """The optimizer step `train` runs (and bench-train times): config.batches_per_allreduce passes of V x n,
     autocast for --precision; the BN statistics kept to restore when a step is skipped (--skip-nonfinite, and
     amp-fp16's overflow skips)."""
     return TrainStep(model, optimizer, scaler, autocast(config.precision, device), config.batches_per_allreduce,
@@ -134,13 +134,14 @@ class World:
     @classmethod
     def join(cls, config: TrainConfig, ctx: DistContext) -> "World":
         loaders = build_loaders(config, ctx)
-        global_batch = ctx.size * config.batches_per_allreduce * config.batch_size
+        global_batch = ctx.size * config.batches_per_allreduce * config.pass_batch
         steps = loaders.train_batches // config.batches_per_allreduce
         if config.max_steps_per_epoch:
             steps = min(steps, config.max_steps_per_epoch)
         if steps < 1:
             raise UserError(f"the training set gives no full step of global batch {global_batch} "
-                            f"({loaders.train_batches} micro-batches per rank); use fewer ranks or a smaller batch")
+                            f"({loaders.train_batches} batches of {config.pass_batch} per rank); use fewer ranks "
+                            f"or a smaller batch")
         logging.getLogger().setLevel(logging.INFO if ctx.is_primary else logging.WARNING)
         return cls(ctx, loaders, global_batch, steps)
 
@@ -181,6 +182,10 @@ class Trainer:
         log.info("hvd-imagenet: %s on %d rank(s) (%s), n=%d, global batch kn=%d, peak lr %.4g, %d steps/epoch",
                  config.arch, w.ctx.size, w.ctx.device.type, config.batch_size, w.global_batch,
                  peak_lr(config.lr, w.global_batch), w.steps_per_epoch)
+        if config.virtual_workers_per_pass > 1:
+            log.info("virtual workers: %d per pass (%d images, BN over each %d), %d pass(es) per step",
+                     config.virtual_workers_per_pass, config.pass_batch, config.batch_size,
+                     config.batches_per_allreduce)
         log.info("input: %s", w.loaders.description)
         if w.ctx.device.type == "cuda":
             log.info("GPU: %s", gpu.describe(w.ctx.device))

@@ -4,7 +4,9 @@ On a machine without a CUDA GPU every test here skips with the reason, so `make 
 Checked: the CUDA stack this build needs; DALI's `mixed` decode (nvJPEG) against its CPU decode, landing on
 cuda:local_rank, and the same batches from packed shards (external_source) as from the folder tree; Horovod's
 NCCL collectives on NHWC tensors; amp-fp16 and amp-bf16 training steps of `train` with NHWC weights; the step's
-host syncs in CUDA's own sync debug mode against host_sync.SYNC_BUDGET."""
+host syncs in CUDA's own sync debug mode against host_sync.SYNC_BUDGET; one-pass virtual workers (BN per group)
+against passes one after another, on cuDNN."""
+import functools
 import json
 
 import pytest
@@ -18,6 +20,7 @@ from hvd_imagenet.data import build_loaders
 from conftest import read_jsonl, run_horovod
 from test_channels_last import check_collectives, run_collectives
 from test_host_syncs import step_syncs
+from test_model import relative_error, virtual_worker_gradients
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -105,3 +108,19 @@ def test_host_syncs_on_the_gpu(tiny_data, precision, loader):
     syncs = step_syncs(tiny_data, precision, loader, "none", 1)
     print(json.dumps(syncs))  # in the log of make gpu-check
     assert syncs["per_step"] <= host_sync.SYNC_BUDGET, f"over budget: {syncs['sites']}"
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_one_pass_virtual_workers_equal_sequential_micro_batches_on_cudnn(layout):
+    """tests/test_model.py's check on the GPU: 4 groups of 3 in one pass (our BN in float32 on the device)
+    against 4 passes of 3 (cuDNN's BN), both float32, each measured against float64 on the CPU. cuDNN's
+    convolutions may use TF32, so the measure is the sequential run's own error, not a fixed tolerance."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 3, 64, 64, dtype=torch.float64), torch.randint(0, 5, (12,))
+    reference, _ = virtual_worker_gradients("resnet18", 1, torch.float64, layout, images, labels, one_pass=False)
+    on_gpu = functools.partial(virtual_worker_gradients, "resnet18", dtype=torch.float32, layout=layout,
+                               images=images, labels=labels, device="cuda")
+    sequential, sequential_buffers = on_gpu(1, one_pass=False)
+    one_pass, one_pass_buffers = on_gpu(4, one_pass=True)
+    assert relative_error(one_pass, reference) < 3 * relative_error(sequential, reference) + 1e-6
+    assert relative_error(one_pass_buffers, sequential_buffers) < 1e-4

@@ -1,8 +1,12 @@
-"""The paper's model choices: zero-init residual gamma and no weight decay on BN/bias (Sec. 5.1)."""
+"""The paper's model choices: zero-init residual gamma and no weight decay on BN/bias (Sec. 5.1); BN per virtual
+worker in one pass (Sec. 2.3)."""
+import functools
+
+import pytest
 import torch
 import torchvision.models.resnet as tv
 
-from hvd_imagenet.model import build_model, parameter_groups, weights_digest
+from hvd_imagenet.model import GroupedBatchNorm2d, build_model, parameter_groups, weights_digest
 
 
 def last_bns(model):
@@ -74,3 +78,56 @@ def test_small_image_resnets_have_he_et_al_sizes_and_zero_init():
     bns = last_bns(model)
     assert len(bns) == 9 and all(torch.count_nonzero(bn.weight) == 0 for bn in bns)
     assert build_model("cifar_resnet8", 10, True)(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+def virtual_worker_gradients(arch: str, virtual_workers: int, dtype, layout, images, labels, one_pass: bool,
+                             device: str = "cpu"):
+    """Gradients and BN buffers (float64, on the CPU) after one minibatch of V x n: V passes of n (loss / V
+    each, as TrainStep's micro-batches) or one pass of V x n through a model built with `virtual_workers` BN
+    groups. tests/test_gpu.py runs it on CUDA."""
+    torch.manual_seed(1)
+    model = build_model(arch, 5, zero_init_residual=False, virtual_workers=virtual_workers)
+    model = model.to(device, dtype).to(memory_format=layout)
+    images, labels = images.to(device, dtype).to(memory_format=layout), labels.to(device)
+    criterion, parts = torch.nn.CrossEntropyLoss(), 4
+    if one_pass:
+        criterion(model(images), labels).backward()
+    else:
+        for chunk, chunk_labels in zip(images.chunk(parts), labels.chunk(parts)):
+            (criterion(model(chunk), chunk_labels) / parts).backward()
+    return [p.grad.cpu().double() for p in model.parameters()], [b.cpu().double() for b in model.buffers()]
+
+
+def relative_error(values, reference) -> float:
+    return max(((v - r).norm() / r.norm()).item() for v, r in zip(values, reference))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "cifar_resnet8"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_one_pass_virtual_workers_equal_sequential_micro_batches(arch, layout):
+    """4 virtual workers of n=3 in one pass (BN over each group of 3, Sec. 2.3) give the gradients and the BN
+    running statistics of 4 passes of 3 images: to float64 round-off in float64, and in float32 within
+    float32's own error (sequential float32 against float64 is the measure: the two are equally far)."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 3, 64, 64, dtype=torch.float64), torch.randint(0, 5, (12,))
+    run = functools.partial(virtual_worker_gradients, arch, layout=layout, images=images, labels=labels)
+    grads, buffers = run(1, torch.float64, one_pass=False)  # the reference: 4 passes of 3
+    one_grads, one_buffers = run(4, torch.float64, one_pass=True)
+    assert relative_error(one_grads, grads) < 1e-12
+    assert relative_error(one_buffers, buffers) < 1e-12  # running mean/var and num_batches_tracked (4)
+    sequential_32, _ = run(1, torch.float32, one_pass=False)
+    one_pass_32, one_buffers_32 = run(4, torch.float32, one_pass=True)
+    assert relative_error(one_pass_32, grads) < 3 * relative_error(sequential_32, grads) + 1e-6
+    assert relative_error(one_buffers_32, buffers) < 1e-5
+
+
+def test_grouped_batch_norm_is_batch_norm_in_eval_and_refuses_uneven_groups():
+    plain, grouped = build_model("cifar_resnet8", 5, True), build_model("cifar_resnet8", 5, True, virtual_workers=2)
+    grouped.load_state_dict(plain.state_dict())  # the same parameters and buffers: checkpoints interchange
+    images = torch.randn(6, 3, 16, 16)
+    assert torch.equal(plain.eval()(images), grouped.eval()(images))
+    with pytest.raises(ValueError, match="a batch of 6 does not split into 4 equal groups"):
+        build_model("cifar_resnet8", 5, True, virtual_workers=4)(images)
+    bn = GroupedBatchNorm2d(8, groups=2)
+    assert bn(torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last)  # the layout goes on: no conversion before the next convolution

@@ -64,6 +64,25 @@ def test_mpi_fp16_virtual_workers(tiny_data, tmp_path):
     assert state["step"] == 3  # 6 micro-batches per rank / 2 per step
 
 
+def test_virtual_workers_in_one_pass_train_as_passes_one_after_another(tiny_data, tmp_path):
+    """kn = 2 ranks x 2 passes x 2 virtual workers per pass x n=4 = 32 trains as 2 ranks x 4 passes of 4: the
+    same images in each step (the loader's batch is V x n), BN over each 4, the same lr and steps, so the same
+    losses and weights to float tolerance after 2 epochs (torchvision, one worker: the same crops)."""
+    sequential, one_pass = tmp_path / "sequential", tmp_path / "one-pass"
+    train = ["--data", tiny_data, "--loader", "torchvision", "--epochs", "2", *TINY_TRAIN]
+    run_horovod("--output", sequential, "--batches-per-allreduce", "4", *train)
+    result = run_horovod("--output", one_pass, "--batches-per-allreduce", "2", "--virtual-workers-per-pass", "2",
+                         *train)
+    assert "virtual workers: 2 per pass (8 images, BN over each 4), 2 pass(es) per step" in result.stdout
+    (a, state_a), (b, state_b) = (check_run(run, epochs=2, global_batch=32, val_images=20)
+                                  for run in (sequential, one_pass))
+    assert state_a["step"] == state_b["step"] == 2  # 24 images per rank, 16 per rank per step
+    for key in ("lr", "train_loss", "train_top1", "val_loss"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4), key
+    for name, tensor in state_a["model"].items():
+        torch.testing.assert_close(state_b["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("loader", ["dali", "torchvision"])
 def test_resume_equals_uninterrupted(tiny_data, tmp_path, loader):
     """Stop after epoch 1, resume for epoch 2: the same metrics and weights as one 2-epoch run (CPU). The

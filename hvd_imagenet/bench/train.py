@@ -10,8 +10,8 @@ synchronize, unscale, clipping, the finite check, the step), with a clock at eac
                   (PowerSGD: all of its compression and its allreduces, which start after backprop)
   optimizer       unscale, the finite check (or GradScaler's) and the SGD step
 On each rank: `warmup` untimed steps, then `steps` timed ones. On a GPU each boundary synchronizes the device
-(a small cost, the same for both backends). Rank 0 reports the median of each phase; img/s per worker is
-n x batches-per-allreduce / median step time. With --count-syncs N, N more steps run without the clock and
+(a small cost, the same for both backends). Rank 0 reports the median of each phase; img/s per worker (per
+rank) is V x n x batches-per-allreduce / median step time. With --count-syncs N, N more steps run without the clock and
 count the step's host synchronizations by call site (host_sync.py: CUDA's sync debug mode on a GPU, the
 syncing torch operations elsewhere), against the budget of one per step.
 """
@@ -54,7 +54,8 @@ class TrainBenchOptions:
                                        choices=tuple(COMPRESSIONS))
     arch: str = opt("model (any `train --arch`)", "resnet50")
     batch_size: int = opt("n, per worker", train_default("batch_size"), min=1)
-    batches_per_allreduce: int = opt("micro-batches of n per step (virtual workers)", 1, min=1)
+    batches_per_allreduce: int = opt("passes per step (virtual workers one after another)", 1, min=1)
+    virtual_workers_per_pass: int = opt("virtual workers in one pass of V x n images (BN over each n)", 1, min=1)
     image_size: int = opt("px", 224, min=1)
     loader: str = opt("input pipeline", "synthetic", choices=tuple(LOADERS))
     data: str = opt("with --loader dali|torchvision", "")
@@ -131,7 +132,8 @@ def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes:
         model, optimizer, scaler = build_training(config, num_classes, ctx.device)
         comm.broadcast_state(model, optimizer, resumed=False)
         return training_step(config, model, optimizer, scaler, ctx.device, on_phase=clock)
-    model = build_model(config.arch, num_classes, config.zero_init_residual).to(ctx.device)
+    model = build_model(config.arch, num_classes, config.zero_init_residual, config.virtual_workers_per_pass)
+    model = model.to(ctx.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
@@ -195,11 +197,12 @@ def report(backend: str, config: TrainConfig, ctx: DistContext, input_descriptio
            steps: int, warmup: int) -> dict:
     step_times = [sum(parts) for parts in zip(*timings.values())]
     step = statistics.median(step_times)
-    images = config.batch_size * config.batches_per_allreduce  # per worker per step
+    images = config.pass_batch * config.batches_per_allreduce  # per rank per step
     return {
         "backend": backend, "ranks": ctx.size, "device": device_name(ctx.device),
         "threads_per_rank": torch.get_num_threads() if ctx.device.type == "cpu" else None,
         "arch": config.arch, "batch_size": config.batch_size, "batches_per_allreduce": config.batches_per_allreduce,
+        "virtual_workers_per_pass": config.virtual_workers_per_pass,
         "image_size": config.image_size, "loader": config.loader, "input": input_description,
         "precision": config.precision, "layout": LAYOUTS[config.channels_last], "compression": config.compression,
         "steps": steps, "warmup": warmup, "step_seconds": step,
@@ -288,7 +291,8 @@ def format_report(report: dict) -> str:
     link = report.get("link") or {}
     where = (f"lo shaped to {link['name']} (measured {link['measured_gbit_s']:.2f} Gbit/s)" if link.get("shaped")
              else "loopback")
-    lines = [f"bench-train: {first['arch']}, n={first['batch_size']} x {first['batches_per_allreduce']}, "
+    passes = f"{first.get('virtual_workers_per_pass', 1)} x n={first['batch_size']} per pass"
+    lines = [f"bench-train: {first['arch']}, {passes} x {first['batches_per_allreduce']} pass(es), "
              f"{first['image_size']} px, {first['loader']} data, {first['device']}, {where}; median of "
              f"{report['repeats']} repeats x {first['steps']} steps (ms)",
              f"{'backend':<8} {'compress':<9} {'precision':<9} {'layout':<6} {'ranks':>5} {'step':>7} "

@@ -43,9 +43,9 @@ DALI_DEVICES = ("auto", "cpu", "gpu")
 
 @dataclass
 class Loaders:
-    train: Iterable[tuple[torch.Tensor, torch.Tensor]]  # one pass = one epoch of micro-batches of n, on device
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]]  # an epoch of batches of V x n (config.pass_batch), on device
     val: Iterable[tuple[torch.Tensor, torch.Tensor]]  # this rank's shard of the val set; may be empty
-    train_batches: int  # micro-batches per rank per epoch (equal on every rank)
+    train_batches: int  # batches of V x n per rank per epoch (equal on every rank)
     num_classes: int
     # set_epoch(epoch, images_done=0), before each epoch: that epoch's global shuffle, after the first
     # images_done images of it (a run resumed within an epoch reads exactly the rest; shards.py)

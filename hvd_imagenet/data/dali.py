@@ -215,7 +215,7 @@ class DaliPass:
 def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
     device = choose_device(config.dali_device, ctx)
     threads = config.dali_threads or default_threads(ctx)
-    options = dict(batch_size=config.batch_size, num_threads=threads, prefetch_queue_depth=config.dali_prefetch,
+    options = dict(batch_size=config.pass_batch, num_threads=threads, prefetch_queue_depth=config.dali_prefetch,
                    device_id=ctx.local_rank if device == "gpu" else None)
     size, layout = config.image_size, config.channels_last
     packed = isinstance(samples.train, PackedSamples)
@@ -233,23 +233,23 @@ def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loa
         return val_pipeline(pass_samples, pool, device, size, config.val_resize, layout, seed=config.seed,
                             **options)
 
-    train = DaliPass(samples.train.subset([]), build_train, ctx, config.batch_size, config.dali_prefetch, layout)
+    train = DaliPass(samples.train.subset([]), build_train, ctx, config.pass_batch, config.dali_prefetch, layout)
 
     def set_epoch(epoch: int, images_done: int = 0) -> None:
         indices = train_shard(len(samples.train), config.seed, epoch, ctx.rank, ctx.size, images_done)
-        usable = len(indices) // config.batch_size * config.batch_size  # full batches only
+        usable = len(indices) // config.pass_batch * config.pass_batch  # full batches only
         train.samples = samples.train.subset(indices[:usable])
         position[:] = [epoch, images_done]
 
     set_epoch(0)
     val = DaliPass(samples.val.subset(val_shard(len(samples.val), ctx.rank, ctx.size)), build_val, ctx,
-                   config.batch_size, config.dali_prefetch, layout)
+                   config.pass_batch, config.dali_prefetch, layout)
     where = "GPU (nvJPEG, mixed)" if device == "gpu" else f"CPU, {threads} threads per rank"
     source = f", read from packed shards by {READ_THREADS} threads" if packed else ""
     return Loaders(
         train=train,
         val=val,
-        train_batches=len(samples.train) // ctx.size // config.batch_size,
+        train_batches=len(samples.train) // ctx.size // config.pass_batch,
         num_classes=samples.num_classes,
         set_epoch=set_epoch,
         description=f"DALI, decoding on the {where}{source}",

@@ -19,12 +19,12 @@ IMAGENET_CLASSES = 1000
 
 def synthetic_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
     generator = torch.Generator().manual_seed(config.seed + ctx.rank)
-    images = torch.randn(config.batch_size, 3, config.image_size, config.image_size, generator=generator)
+    images = torch.randn(config.pass_batch, 3, config.image_size, config.image_size, generator=generator)
     if config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, IMAGENET_CLASSES, (config.batch_size,), generator=generator)
+    labels = torch.randint(0, IMAGENET_CLASSES, (config.pass_batch,), generator=generator)
     batch = (images.to(ctx.device), labels.to(ctx.device))
-    batches = IMAGENET_TRAIN_IMAGES // (ctx.size * config.batch_size)
+    batches = IMAGENET_TRAIN_IMAGES // (ctx.size * config.pass_batch)
 
     class Repeat:
         def __iter__(self):

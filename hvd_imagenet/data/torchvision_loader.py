@@ -159,7 +159,7 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples)
     sampler = EpochShard(len(train_set), config.seed, ctx)
     # Workers persist across epochs (no start-up per epoch); the sampler runs in this process, so
     # set_epoch still selects each epoch's shuffle.
-    options = dict(batch_size=config.batch_size, num_workers=config.workers or default_threads(ctx),
+    options = dict(batch_size=config.pass_batch, num_workers=config.workers or default_threads(ctx),
                    pin_memory=ctx.device.type == "cuda", multiprocessing_context=worker_context(),
                    persistent_workers=True, worker_init_fn=functools.partial(exit_with_trainer, os.getpid()))
     train = DataLoader(train_set, sampler=sampler, drop_last=True, **options)
