@@ -12,12 +12,13 @@ from torchvision.datasets import ImageFolder
 
 from hvd_imagenet.data.layout import class_folders, list_samples
 from hvd_imagenet.data.make_dataset import make_dataset
+from hvd_imagenet.data.memory import crop_boxes
 from hvd_imagenet.data.shards import train_shard, val_shard
 from hvd_imagenet.errors import UserError
 
 from conftest import add_broken, loaders, rank, run_cli
 
-LOADERS = ["dali", "torchvision"]
+LOADERS = ["dali", "torchvision", "memory"]
 
 
 def labels_of(batches) -> list[int]:
@@ -98,16 +99,19 @@ def test_batches_shape_dtype_layout(tiny_data, loader, channels_last):
     assert pipes.num_classes == 4 and pipes.train_batches == 12
 
 
-def test_dali_and_torchvision_agree_on_val_images(tiny_data):
-    """Val has no randomness: both loaders must give nearly the same normalized RGB tensors (resize
-    implementations differ in detail); a wrong mean/std, channel order or crop would not be near."""
-    dali, torchvision = (next(iter(loaders(tiny_data, name, rank(0, 1), batch_size=5).val)) for name in LOADERS)
-    assert torch.equal(dali[1], torchvision[1])
+def test_the_loaders_agree_on_val_images(tiny_data):
+    """Val has no randomness: DALI and torchvision must give nearly the same normalized RGB tensors (resize
+    implementations differ in detail); a wrong mean/std, channel order or crop would not be near. The memory
+    loader decodes val with torchvision's own PIL transforms, so it gives torchvision's up to float rounding."""
+    dali, torchvision, memory = (next(iter(loaders(tiny_data, name, rank(0, 1), batch_size=5).val))
+                                 for name in ("dali", "torchvision", "memory"))
+    assert torch.equal(dali[1], torchvision[1]) and torch.equal(memory[1], torchvision[1])
     difference = (dali[0] - torchvision[0]).abs()
     assert difference.mean() < 0.05, difference.mean()
     per_channel = torchvision[0].mean(dim=(0, 2, 3))
     assert torch.allclose(dali[0].mean(dim=(0, 2, 3)), per_channel, atol=0.02)
     assert per_channel.abs().max() > 0.1  # the images are not blank
+    torch.testing.assert_close(memory[0], torchvision[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -125,9 +129,9 @@ def test_broken_file_is_an_error_that_names_it(tiny_data, tmp_path, loader, how)
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     broken = add_broken(data, how)
-    pipes = loaders(data, loader, rank(0, 1), batch_size=7)
-    pipes.set_epoch(0)
-    with pytest.raises(UserError, match=f"cannot decode {broken}"):
+    with pytest.raises(UserError, match=f"cannot decode {broken}"):  # memory: at the start, when it decodes
+        pipes = loaders(data, loader, rank(0, 1), batch_size=7)
+        pipes.set_epoch(0)
         for _ in pipes.train:
             pass
 
@@ -165,10 +169,40 @@ def test_bench_loader_json(tiny_data):
                      "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert [r["loader"] for r in report["results"]] == LOADERS
+    assert [r["loader"] for r in report["results"]] == ["dali", "torchvision"]
     for r in report["results"]:
         assert r["images_per_repeat"] == 48  # one timed epoch of the 48 train images
         assert r["images_per_sec"] > 0 and r["cpu_seconds_per_image"] > 0 and r["peak_rss_mib"] > 0
     assert report["results"][1]["ratio"] == 1.0
     assert report["results"][0]["ratio"] == pytest.approx(report["results"][0]["images_per_sec"]
                                                           / report["results"][1]["images_per_sec"])
+
+
+def test_memory_crops_follow_random_resized_crop():
+    """The memory loader's batched crops (data/memory.py: crop_boxes) as torchvision's RandomResizedCrop draws
+    them: inside the image, area in [min, 1] of it, aspect in [3/4, 4/3], the whole image when no try fits
+    (a minimum area of 1 with aspects != 1 rarely fits), and the same boxes from the same generator seed."""
+    boxes = crop_boxes(20000, 36, 36, 0.25, torch.Generator().manual_seed(0))
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 36).all() and (boxes[:, 3] <= 36).all()
+    area, aspect = width * height / 36**2, width / height
+    assert area.min() >= 0.25 - 1e-6 and area.max() <= 1 + 1e-6
+    assert aspect.min() >= 3 / 4 - 1e-6 and aspect.max() <= 4 / 3 + 1e-6
+    assert 0.5 < area.mean() < 0.7 and 0.45 < (aspect > 1).float().mean() < 0.55  # spread over the ranges
+    whole = crop_boxes(1000, 36, 36, 1.0, torch.Generator().manual_seed(0))
+    assert ((whole - torch.tensor([0, 0, 36, 36])).abs().max(dim=1).values < 1e-4).float().mean() > 0.9
+    assert torch.equal(boxes, crop_boxes(20000, 36, 36, 0.25, torch.Generator().manual_seed(0)))
+
+
+def test_memory_loader_augments_per_epoch_and_refuses_a_data_set_too_large(tiny_data):
+    pipes = loaders(tiny_data, "memory", rank(0, 1), batch_size=4, min_crop_area=0.08)
+    epochs = []
+    for epoch in (0, 0, 1):
+        pipes.set_epoch(epoch)
+        epochs.append(torch.cat([images for images, _ in pipes.train]))
+    assert torch.equal(epochs[0], epochs[1])  # (seed, epoch, position) decide the crops
+    assert not torch.equal(epochs[0], epochs[2])
+    assert "memory: decoded once" in pipes.description and "in this rank" in pipes.description
+    with pytest.raises(UserError, match=r"--loader memory: the decoded data set needs [\d.]+ GiB \(48 train images "
+                                        r"at 100000 px, 20 val at 32 px\) and [\d.]+ GiB of RAM is free"):
+        loaders(tiny_data, "memory", rank(0, 1), val_resize=100000)

@@ -5,7 +5,7 @@ Checked: the CUDA stack this build needs; DALI's `mixed` decode (nvJPEG) against
 cuda:local_rank, and the same batches from packed shards (external_source) as from the folder tree; Horovod's
 NCCL collectives on NHWC tensors; amp-fp16 and amp-bf16 training steps of `train` with NHWC weights; the step's
 host syncs in CUDA's own sync debug mode against host_sync.SYNC_BUDGET; one-pass virtual workers (BN per group)
-against passes one after another, on cuDNN."""
+against passes one after another, on cuDNN; the memory loader's batches on the GPU against the CPU's."""
 import functools
 import json
 
@@ -124,3 +124,23 @@ def test_one_pass_virtual_workers_equal_sequential_micro_batches_on_cudnn(layout
     one_pass, one_pass_buffers = on_gpu(4, one_pass=True)
     assert relative_error(one_pass, reference) < 3 * relative_error(sequential, reference) + 1e-6
     assert relative_error(one_pass_buffers, sequential_buffers) < 1e-4
+
+
+def test_memory_loader_augments_on_the_gpu_as_on_the_cpu(tiny_data):
+    """--loader memory on cuda:0: pinned, asynchronous copies, crops by roi_align on the device; the same
+    batches as on the CPU (the draws are made on the host from the same seeds), to float rounding."""
+    def batches(device: str):
+        config = TrainConfig(data=str(tiny_data), output="(test)", loader="memory", batch_size=4, image_size=32,
+                             val_resize=36, channels_last=True)
+        loaders = build_loaders(config, DistContext(rank=0, local_rank=0, size=1, local_size=1,
+                                                    device=torch.device(device)))
+        loaders.set_epoch(1)
+        return list(loaders.train) + list(loaders.val)
+
+    on_gpu, on_cpu = batches("cuda:0"), batches("cpu")
+    assert len(on_gpu) == len(on_cpu) == 12 + 5
+    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(on_gpu, on_cpu):
+        assert gpu_images.device == gpu_labels.device == torch.device("cuda", 0)
+        assert gpu_images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(gpu_labels.cpu(), cpu_labels)
+        torch.testing.assert_close(gpu_images.cpu(), cpu_images, rtol=0, atol=1e-3)

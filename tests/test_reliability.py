@@ -104,13 +104,22 @@ def two_ranks(controller: str) -> list[str]:
     return ["-np", "2", "-H", "localhost:2", controller]
 
 
-@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
-def test_kill_9_of_one_rank_ends_the_job_fast(tiny_data, tmp_path, controller):
+def shared_memory_files() -> set[Path]:
+    """The memory loader's decoded data sets in /dev/shm (data/memory.py)."""
+    return set(Path("/dev/shm").glob("hvd-imagenet-*"))
+
+
+@pytest.mark.parametrize(("controller", "loader"), [("--gloo", "torchvision"), ("--mpi", "torchvision"),
+                                                    ("--gloo", "memory")])
+def test_kill_9_of_one_rank_ends_the_job_fast(tiny_data, tmp_path, controller, loader):
     """kill -9 of rank 1 mid-epoch (no chance to say anything): the job ends within 60 s, non-zero, the
-    launcher names rank 1, and no process of the job is left behind (loader workers included)."""
-    job = Job(tmp_path, two_ranks(controller), tiny_data, "--epochs", "100", *TINY_TRAIN)
+    launcher names rank 1, and no process of the job is left behind (loader workers included). With
+    --loader memory, nothing in /dev/shm either: its files were unlinked before training, once mapped."""
+    before = shared_memory_files()
+    job = Job(tmp_path, two_ranks(controller), tiny_data, "--epochs", "100", *TINY_TRAIN, "--loader", loader)
     job.wait_for_output("epoch 1/100")
     time.sleep(2)  # well into the epoch loop
+    assert shared_memory_files() == before  # mapped by both ranks, already unlinked
     os.kill(job.trainer(1), signal.SIGKILL)
     killed = time.monotonic()
     returncode = job.wait(timeout=60)
@@ -122,6 +131,7 @@ def test_kill_9_of_one_rank_ends_the_job_fast(tiny_data, tmp_path, controller):
     else:  # mpirun: "mpirun noticed that process rank 1 with PID ... exited on signal 9 (Killed)."
         assert "process rank 1" in output and "signal 9" in output, output[-3000:]
     job.wait_until_all_gone()
+    assert shared_memory_files() == before
 
 
 # s: 3-5 times the start-up to the first step here (4-6 s), which the watchdog counts too, and below Gloo's own

@@ -83,7 +83,21 @@ def test_virtual_workers_in_one_pass_train_as_passes_one_after_another(tiny_data
         torch.testing.assert_close(state_b["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_memory_loader_shares_one_copy_per_node_and_leaves_nothing(tiny_data, tmp_path):
+    """--loader memory with 2 ranks on one node: one decoded copy in /dev/shm that both map, each rank
+    decoding half; the files are unlinked once mapped, so none is left after the job."""
+    def ours():
+        return set(Path("/dev/shm").glob("hvd-imagenet-*"))
+
+    before = ours()
+    result = run_horovod("--data", tiny_data, "--output", tmp_path / "run", "--epochs", "1", "--loader", "memory",
+                         *TINY_TRAIN)
+    assert "input: memory: decoded once, 0.2 MiB of uint8 shared by the node's 2 ranks" in result.stdout
+    check_run(tmp_path / "run", epochs=1, global_batch=8, val_images=20)
+    assert ours() == before
+
+
+@pytest.mark.parametrize("loader", ["dali", "torchvision", "memory"])
 def test_resume_equals_uninterrupted(tiny_data, tmp_path, loader):
     """Stop after epoch 1, resume for epoch 2: the same metrics and weights as one 2-epoch run (CPU). The
     torchvision workers persist across epochs in the uninterrupted run and start fresh in the resumed one."""

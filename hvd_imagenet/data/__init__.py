@@ -1,7 +1,8 @@
 """Input pipelines behind one small interface: `build_loaders(config, ctx) -> Loaders`.
 
-Three loaders (--loader; LOADERS has one entry each): `dali` (NVIDIA DALI: GPU decode on GPU machines, CPU
-threads elsewhere), `torchvision` (PIL in DataLoader worker processes) and `synthetic` (one fixed batch on the
+Four loaders (--loader; LOADERS has one entry each): `dali` (NVIDIA DALI: GPU decode on GPU machines, CPU
+threads elsewhere), `torchvision` (PIL in DataLoader worker processes), `memory` (a small data set decoded once
+into memory shared by a node's ranks, augmented in batches by torch) and `synthetic` (one fixed batch on the
 device). To add one, write its builder module here and add its entry to LOADERS. The real ones read the same
 samples (ImageFolder's images and labels, minus what a --file-list excludes) and split them among ranks the
 same way (shards.py), from a folder tree (samples.FileSamples) or from packed shards (packed.PackedSamples).
@@ -34,6 +35,7 @@ class LoaderKind:
 
 LOADERS = {
     "dali": LoaderKind("dali:dali_loaders", reads_files=True),
+    "memory": LoaderKind("memory:memory_loaders", reads_files=True),
     "torchvision": LoaderKind("torchvision_loader:torchvision_loaders", reads_files=True),
     "synthetic": LoaderKind("synthetic:synthetic_loaders", reads_files=False),
 }
