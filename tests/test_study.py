@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from hvd_imagenet.schedule import LRPolicy, lr_at
-from hvd_imagenet.study.grid import PRESETS, Scale, resolve, train_args
+from hvd_imagenet.study.grid import BASELINE, LARGE_GRADUAL, PRESETS, Scale, resolve, train_args
+from hvd_imagenet.study.report import Outcome, curve_gap_after_warmup
 
 from conftest import run_cli
 
@@ -91,6 +92,14 @@ def test_quick_study_runs_writes_table_and_plots_and_resumes(digits, tmp_path):
         runs = [output / "runs" / f"{row['key']}-seed{seed}" for seed in (0, 1)]
         metrics = [json.loads(line) for run in runs for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert row["val_error"] == pytest.approx([100 - m["val_top1"] for m in metrics])  # 1 epoch: its own
+        assert row["seeds"] == 2 and row["val_error_mean"] == pytest.approx(statistics.mean(row["val_error"]))
+        assert row["val_error_std"] == pytest.approx(statistics.stdev(row["val_error"]))
+        assert row["train_error_mean"] == pytest.approx(statistics.mean(100 - m["train_top1"] for m in metrics))
+    small_row, large_row = results["rows"]
+    assert (small_row["kn"], large_row["kn"]) == (8, 256) and small_row["train_curve_gap"] is None
+    # warmup is 1 x 5/90 epochs: the one epoch is after it
+    assert large_row["train_curve_gap"] == pytest.approx(abs(large_row["train_error_mean"]
+                                                             - small_row["train_error_mean"]))
     study = (output / "study.md").read_text()
     small, large = (mean_std(row["val_error"]) for row in results["rows"])
     assert "| kn=8, eta=0.02 | 8 | 2 x 1 | 0.02 |" in study and f"**{small}**" in study
@@ -110,6 +119,16 @@ def test_study_of_another_grid_in_the_same_directory_is_refused(digits, tmp_path
     (tmp_path / "study" / "study.json").write_text(json.dumps({"preset": "table1", "scale": Scale(epochs=36).__dict__}))
     result = run_cli("study", "--data", digits, "--output", tmp_path / "study", "--preset", "quick")
     assert result.returncode == 2 and "holds a study with preset table1" in result.stderr
+
+
+def test_curve_gap_counts_the_epochs_after_warmup_only():
+    """The training-curve closeness of Fig. 2-4: mean |row - baseline| of the mean curves after warmup."""
+    baseline, row = Outcome(BASELINE), Outcome(LARGE_GRADUAL)
+    baseline.train_curves = [[50, 20, 10, 5], [50, 22, 10, 5]]  # mean 50, 21, 10, 5
+    row.train_curves = [[90, 30, 12, 5], [70, 30, 14, 5]]  # mean 80, 30, 13, 5
+    assert curve_gap_after_warmup(row, baseline, warmup_epochs=1.5) == pytest.approx((9 + 3 + 0) / 3)
+    assert curve_gap_after_warmup(row, baseline, warmup_epochs=0) == pytest.approx((30 + 9 + 3 + 0) / 4)
+    assert curve_gap_after_warmup(baseline, baseline, warmup_epochs=0) is None
 
 
 def test_presets_put_the_baseline_first():

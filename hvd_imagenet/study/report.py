@@ -19,6 +19,8 @@ from .grid import Scale, Setting, global_batch, lr_policy, peak
 from .run import Run
 
 FINAL_EPOCHS = 5
+COLUMNS = ("setting", "kn", "workers", "peak lr", "lr rule", "warmup", "steps", "seeds", "val error %", "gap",
+           "train err %", "curve gap", "paper")  # study.md's table
 PLOTS = ("training_error.png", "lr_schedule.png")
 
 
@@ -47,6 +49,27 @@ def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def std(values: list[float]) -> float | None:
+    """Sample std (ddof=1), as the paper's ± (None for fewer than 2 values)."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def mean_curve(curves: list[list[float]]) -> list[float]:
+    return [statistics.mean(epoch) for epoch in zip(*curves)]
+
+
+def curve_gap_after_warmup(outcome: Outcome, baseline: Outcome, warmup_epochs: float) -> float | None:
+    """How closely a row's training-error curve follows the baseline's once warmup is over (the paper's Fig. 2-4:
+    "the training error curves match closely after a short period"): the mean over the epochs after warmup of
+    |this row's mean curve - the baseline's|, in points. None for the baseline, or without finished runs."""
+    if outcome is baseline or not outcome.train_curves or not baseline.train_curves:
+        return None
+    after = [abs(a - b) for epoch, (a, b) in enumerate(zip(mean_curve(outcome.train_curves),
+                                                           mean_curve(baseline.train_curves)), start=1)
+             if epoch > warmup_epochs]
+    return statistics.mean(after) if after else None
 
 
 def final_error(records: list[dict]) -> float:
@@ -82,16 +105,29 @@ def write_report(runs: list[Run], settings: tuple[Setting, ...], scale: Scale, p
     seeds = max(r.seed for r in runs) + 1
     results = {
         "preset": preset, "command": command, "scale": scale.__dict__, "seeds": seeds,
-        "error": f"median top-1 val error % of the last {FINAL_EPOCHS} epochs, per seed",
-        "rows": [{"key": o.setting.key, "label": o.setting.label(scale), "global_batch": global_batch(o.setting, scale),
-                  "peak_lr": peak(o.setting, scale), "warmup": o.setting.warmup, "lr_scaling": o.setting.lr_scaling,
-                  "steps": o.steps_per_epoch * scale.epochs, "val_error": o.errors, "diverged": o.diverged,
-                  "train_error": o.train_final, "paper": o.setting.paper, "train_seconds": o.seconds}
-                 for o in outcomes],
+        "error": f"median top-1 val error % of the last {FINAL_EPOCHS} epochs, per seed; mean and sample std "
+                 "over the seeds that finished",
+        "train_curve_gap": "mean |row - baseline| of the mean training-error curves over the epochs after warmup, "
+                           "points (Fig. 2-4)",
+        "rows": [row(o, outcomes[0], scale) for o in outcomes],
     }
     (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (output / "study.md").write_text(markdown(outcomes, scale, preset, command, seeds))
     return [output / "study.md", output / "results.json", *(output / name for name in PLOTS)]
+
+
+def row(outcome: Outcome, baseline: Outcome, scale: Scale) -> dict:
+    """One row of results.json: the setting, its seeds' errors and their mean ± std."""
+    s, errors = outcome.setting, outcome.errors
+    return {
+        "key": s.key, "label": s.label(scale), "kn": global_batch(s, scale), "peak_lr": peak(s, scale),
+        "lr_scaling": s.lr_scaling, "warmup": s.warmup, "seeds": len(errors), "diverged": outcome.diverged,
+        "steps": outcome.steps_per_epoch * scale.epochs,
+        "val_error_mean": statistics.mean(errors) if errors else None, "val_error_std": std(errors),
+        "train_error_mean": statistics.mean(outcome.train_final) if outcome.train_final else None,
+        "train_curve_gap": curve_gap_after_warmup(outcome, baseline, lr_policy(s, scale).warmup_epochs),
+        "val_error": errors, "train_error": outcome.train_final, "paper": s.paper, "train_seconds": outcome.seconds,
+    }
 
 
 def markdown(outcomes: list[Outcome], scale: Scale, preset: str, command: str, seeds: int) -> str:
@@ -102,9 +138,11 @@ def markdown(outcomes: list[Outcome], scale: Scale, preset: str, command: str, s
         gap = (f"{statistics.mean(o.errors) - statistics.mean(baseline.errors):+.2f}"
                if o is not baseline and o.errors and baseline.errors else "")
         workers = f"{scale.ranks} x {scale.large_factor if s.large else 1}"
+        curve = curve_gap_after_warmup(o, baseline, lr_policy(s, scale).warmup_epochs)
         rows.append(f"| {s.label(scale)} | {global_batch(s, scale)} | {workers} | {peak(s, scale):.4g} | "
                     f"{s.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | **{o.summary()}** | "
-                    f"{gap} | {mean_std(o.train_final) if o.train_final else '-'} | {s.paper} |")
+                    f"{gap} | {mean_std(o.train_final) if o.train_final else '-'} | "
+                    f"{'' if curve is None else f'{curve:.2f}'} | {s.paper} |")
     hours = sum(o.seconds for o in outcomes) / 3600
     policy = lr_policy(baseline.setting, scale)
     return f"""# Study `{preset}`: large minibatch vs small, at small scale
@@ -117,11 +155,12 @@ Top-1 val error (%) is the paper's measure: the median of the last {FINAL_EPOCHS
 row is mean ± std (sample std) over its seeds ({seeds} asked; "seeds" counts those that finished, a diverged
 run is counted apart). "workers" is Horovod ranks x virtual workers per rank (the paper's k). "gap" is the
 row's mean minus the baseline's (first row), in points; "train err" is the last epoch's (augmented images,
-train-mode BN), mean ± std.
+train-mode BN), mean ± std; "curve gap" is how far the row's mean training-error curve lies from the
+baseline's after warmup (mean |difference| over those epochs, points: the paper's Fig. 2-4 have them match).
 The last column is the paper's row (ResNet-50 on ImageNet, Goyal et al. 2017, Table 1 / 2a, 5 runs each).
 
-| setting | kn | workers | peak lr | lr rule | warmup | steps | seeds | val error % | gap | train err % | paper |
-|---|---|---|---|---|---|---|---|---|---|---|---|
+| {" | ".join(COLUMNS)} |
+|{"---|" * len(COLUMNS)}
 {chr(10).join(rows)}
 
 Scale: {scale.arch}, {scale.image_size} px crops (min area {scale.min_crop_area}), n={scale.batch_size} images per
