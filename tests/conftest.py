@@ -56,6 +56,11 @@ def loaders(data, loader, ctx, **overrides):
     return build_loaders(TrainConfig(**{**options, **overrides}), ctx)
 
 
+def shared_memory_files() -> set[Path]:
+    """The memory loader's decoded data sets in /dev/shm (data/memory.py)."""
+    return set(Path("/dev/shm").glob("hvd-imagenet-*"))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -22,7 +22,7 @@ from hvd_imagenet.data.make_dataset import make_dataset
 from hvd_imagenet.data.shards import train_shard
 from hvd_imagenet.errors import UserError
 
-from conftest import BIN, TINY_TRAIN, cli_env, read_jsonl, run_cli, run_horovod
+from conftest import BIN, TINY_TRAIN, cli_env, read_jsonl, run_cli, run_horovod, shared_memory_files
 
 
 def processes_with(marker: str) -> list[int]:
@@ -102,11 +102,6 @@ class Job:
 
 def two_ranks(controller: str) -> list[str]:
     return ["-np", "2", "-H", "localhost:2", controller]
-
-
-def shared_memory_files() -> set[Path]:
-    """The memory loader's decoded data sets in /dev/shm (data/memory.py)."""
-    return set(Path("/dev/shm").glob("hvd-imagenet-*"))
 
 
 @pytest.mark.parametrize(("controller", "loader"), [("--gloo", "torchvision"), ("--mpi", "torchvision"),

@@ -10,7 +10,8 @@ from PIL import Image
 
 from hvd_imagenet.model import build_model, weights_digest
 
-from conftest import BIN, TINY_TRAIN, assert_epoch_2_equal, cli_env, read_jsonl, run_cli, run_horovod
+from conftest import (BIN, TINY_TRAIN, assert_epoch_2_equal, cli_env, read_jsonl, run_cli, run_horovod,
+                      shared_memory_files)
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_sec",
                "epoch_seconds", "val_seconds", "world_size", "global_batch", "val_images", "steps", "weights_digests"}
@@ -86,15 +87,12 @@ def test_virtual_workers_in_one_pass_train_as_passes_one_after_another(tiny_data
 def test_memory_loader_shares_one_copy_per_node_and_leaves_nothing(tiny_data, tmp_path):
     """--loader memory with 2 ranks on one node: one decoded copy in /dev/shm that both map, each rank
     decoding half; the files are unlinked once mapped, so none is left after the job."""
-    def ours():
-        return set(Path("/dev/shm").glob("hvd-imagenet-*"))
-
-    before = ours()
+    before = shared_memory_files()
     result = run_horovod("--data", tiny_data, "--output", tmp_path / "run", "--epochs", "1", "--loader", "memory",
                          *TINY_TRAIN)
     assert "input: memory: decoded once, 0.2 MiB of uint8 shared by the node's 2 ranks" in result.stdout
     check_run(tmp_path / "run", epochs=1, global_batch=8, val_images=20)
-    assert ours() == before
+    assert shared_memory_files() == before
 
 
 @pytest.mark.parametrize("loader", ["dali", "torchvision", "memory"])
