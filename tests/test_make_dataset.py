@@ -88,3 +88,33 @@ def test_digits_are_scikit_learns_in_a_fixed_split(tmp_path):
     assert all((again / p.relative_to(out)).read_bytes() == p.read_bytes() for p in out.rglob("*.JPEG"))
     refused = run_cli("make-dataset", "--kind", "digits", "--output", tmp_path / "x", "--classes", "3")
     assert refused.returncode == 2 and "drop --classes" in refused.stderr
+
+
+def test_cluttered_digits_are_copies_of_the_digits_of_their_split(tmp_path):
+    """20 distorted, cluttered, noisy copies of each train digit and 6 of each val digit, labelled as their
+    digit; deterministic for a seed (the val split written again in-process is byte-equal), another seed
+    differs; the flags of generated sets other than --seed are refused."""
+    from hvd_imagenet.data.make_dataset import sklearn_digits, split_of, write_cluttered_split
+
+    out = tmp_path / "cluttered"
+    result = run_cli("make-dataset", "--kind", "cluttered-digits", "--output", out)
+    assert result.returncode == 0, result.stderr
+    train, val = ImageFolder(out / "train"), ImageFolder(out / "val")
+    assert (len(train), len(val)) == (28_760, 2_154) and train.classes == val.classes and len(train.classes) == 10
+    _, labels = sklearn_digits()
+    for split, folder, copies in (("train", train, 20), ("val", val, 6)):
+        in_split = labels[[i for i in range(len(labels)) if split_of(i) == split]]
+        assert np.bincount([label for _, label in folder.samples]).tolist() == (np.bincount(in_split) * copies).tolist()
+        for path, label in folder.samples[::997]:
+            index = int(path.rsplit("_", 1)[1].split(".")[0])  # copy c of digit d: c x digits + d
+            assert label == in_split[index % len(in_split)]
+            with Image.open(path) as image:
+                assert image.format == "JPEG" and image.mode == "L" and image.size == (20, 20)
+                assert np.asarray(image).std() > 20  # noise and clutter, not a clean digit on black
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert write_cluttered_split((again, "val", 0)) == 2_154 and write_cluttered_split((other, "val", 1)) == 2_154
+    written = sorted((out / "val").rglob("*.JPEG"))
+    assert all((again / p.relative_to(out)).read_bytes() == p.read_bytes() for p in written)
+    assert sum((other / p.relative_to(out)).read_bytes() != p.read_bytes() for p in written) > 2_000
+    refused = run_cli("make-dataset", "--kind", "cluttered-digits", "--output", tmp_path / "x", "--classes", "3")
+    assert refused.returncode == 2 and "drop --classes" in refused.stderr

@@ -1,5 +1,6 @@
-"""`hvd-imagenet study`: the grid stands for the paper's rows (pure), and the quick preset runs end to end under
-real horovodrun on scikit-learn's digits, writing the table and the plots, and resumes without re-running."""
+"""`hvd-imagenet study`: the grid stands for the paper's rows and Fig. 1's sweep (pure), and the quick preset
+runs end to end under real horovodrun on scikit-learn's digits, two runs side by side on a CPU each, writing the
+table and the plots, and resumes without re-running."""
 import json
 import math
 import statistics
@@ -8,8 +9,8 @@ import pytest
 from PIL import Image
 
 from hvd_imagenet.schedule import LRPolicy, lr_at
-from hvd_imagenet.study.grid import BASELINE, LARGE_GRADUAL, PRESETS, Scale, resolve, train_args
-from hvd_imagenet.study.report import Outcome, curve_gap_after_warmup
+from hvd_imagenet.study.grid import BASELINE, PRESETS, Scale, Setting, resolve, train_args
+from hvd_imagenet.study.report import Outcome, curve_gap_after_warmup, max_effective_kn
 
 from conftest import run_cli
 
@@ -18,32 +19,44 @@ def flags(args: list[str]) -> dict:
     return dict(zip(args[::2], args[1::2]))
 
 
-def peak_and_start(run: dict) -> tuple[float, float]:
+def peak_and_start(run: dict, ranks: int = 1) -> tuple[float, float]:
     """The lr of the run's first step and of the first step after warmup, by the flags the run gets."""
     policy = LRPolicy(base_lr=float(run["--base-lr"]), ref_batch=int(run["--ref-batch"]),
                       lr_scaling=run["--lr-scaling"], warmup=run["--warmup"],
                       warmup_epochs=float(run["--warmup-epochs"]),
                       lr_steps=tuple(int(s) for s in run["--lr-steps"].split(",")))
-    kn = 2 * int(run["--batches-per-allreduce"]) * int(run["--batch-size"])  # 2 ranks
+    kn = ranks * int(run["--virtual-workers-per-pass"]) * int(run["--batch-size"])
     steps = 100
     return lr_at(policy, 0, steps, kn), lr_at(policy, int(policy.warmup_epochs * steps) + 1, steps, kn)
 
 
 def test_table1_grid_is_the_papers_table1_at_small_scale():
-    """Baseline kn = 2 ranks x n=4 = 8 at eta=0.02; large kn = 32x by 32 virtual workers per rank at 32 x eta,
-    with no, constant or gradual warmup over 36 x 5/90 = 2 epochs; lr x0.1 at 36 x (30, 60, 80)/90."""
+    """Baseline kn = 2 workers x n=4 = 8 at eta=0.02; large kn = 32x by 64 virtual workers in one pass at 32 x
+    eta, with no, constant or gradual warmup over 9 x 5/90 = 0.5 epochs; lr x0.1 at 9 x (30, 60, 80)/90; the
+    memory loader."""
     settings, scale = resolve("table1", Scale())
-    assert scale.epochs == 36
+    assert scale.epochs == 9
     runs = {s.key: flags(train_args(s, scale, seed=1, data="D", output="O")) for s in settings}
     assert list(runs) == ["small", "large-no-warmup", "large-constant-warmup", "large-gradual-warmup"]
     for key, run in runs.items():
-        assert (run["--batch-size"], run["--ref-batch"], run["--seed"], run["--epochs"]) == ("4", "8", "1", "36")
-        assert run["--batches-per-allreduce"] == ("1" if key == "small" else "32")
-        assert float(run["--warmup-epochs"]) == 2.0 and run["--lr-steps"] == "12,24,32"
+        assert (run["--batch-size"], run["--ref-batch"], run["--seed"], run["--epochs"]) == ("4", "8", "1", "9")
+        assert run["--virtual-workers-per-pass"] == ("2" if key == "small" else "64") and run["--loader"] == "memory"
+        assert float(run["--warmup-epochs"]) == 0.5 and run["--lr-steps"] == "3,6,8"
     assert peak_and_start(runs["small"]) == (0.02, 0.02)
     assert peak_and_start(runs["large-no-warmup"]) == pytest.approx((0.64, 0.64))
     assert peak_and_start(runs["large-constant-warmup"]) == pytest.approx((0.02, 0.64))
     assert peak_and_start(runs["large-gradual-warmup"]) == pytest.approx((0.02, 0.64))  # 0.02 up to 0.64
+
+
+def test_workers_are_ranks_times_virtual_workers_in_one_pass():
+    """k = ranks x V: 2 ranks run half the virtual workers each; k must split evenly over the ranks."""
+    settings, scale = resolve("table1", Scale(ranks=2, small_workers=4))
+    runs = {s.key: flags(train_args(s, scale, seed=0, data="D", output="O")) for s in settings}
+    assert (runs["small"]["--virtual-workers-per-pass"], runs["large-no-warmup"]["--virtual-workers-per-pass"]) == (
+        "2", "64")
+    assert peak_and_start(runs["large-gradual-warmup"], ranks=2) == pytest.approx((0.02, 0.64))
+    with pytest.raises(Exception, match="must be a multiple of --ranks 2"):
+        Scale(ranks=2, small_workers=3)
 
 
 def test_table2a_grid_scales_the_lr_three_ways():
@@ -54,6 +67,28 @@ def test_table2a_grid_scales_the_lr_three_ways():
                                    "large-linear": 3.2, "large-unscaled": 0.1,  # Table 2a at 256 and 8k
                                    "large-sqrt": 0.1 * math.sqrt(32)})
     assert runs["large-sqrt"]["--lr-steps"] == "30,60,80" and float(runs["large-sqrt"]["--warmup-epochs"]) == 5
+
+
+def test_fig1_grid_doubles_kn_up_to_the_max_factor_with_linear_scaling_and_gradual_warmup():
+    settings, scale = resolve("fig1", Scale(max_factor=128))
+    runs = {s.key: flags(train_args(s, scale, seed=0, data="D", output="O")) for s in settings}
+    assert list(runs) == ["small", "x2", "x4", "x8", "x16", "x32", "x64", "x128"]
+    for factor, run in zip((1, 2, 4, 8, 16, 32, 64, 128), runs.values()):
+        assert run["--virtual-workers-per-pass"] == str(2 * factor)
+        assert run["--warmup"] == ("none" if factor == 1 else "gradual")
+        assert peak_and_start(run) == pytest.approx((0.02, 0.02 * factor))
+    assert [s.key for s in resolve("fig1", Scale(max_factor=100))[0]][-1] == "x64"
+
+
+def test_max_effective_minibatch_is_the_largest_kn_before_the_first_one_over_a_point():
+    outcomes = [Outcome(BASELINE)] + [Outcome(Setting(f"x{f}", f)) for f in (2, 4, 8, 16)]
+    for outcome, errors in zip(outcomes, ([10.0, 10.4], [10.5, 11.0], [10.9, 11.3], [12.0, 11.0], [11.0, 11.2])):
+        outcome.errors = errors  # means 10.2, 10.75, 11.1, 11.5 (over 11.2), 11.1 (within again: not counted)
+    assert max_effective_kn(outcomes, Scale()) == 32
+    outcomes[1].errors = [12.0]
+    assert max_effective_kn(outcomes, Scale()) == 8  # the baseline alone
+    outcomes[0].errors = []
+    assert max_effective_kn(outcomes, Scale()) is None
 
 
 def mean_std(values: list[float]) -> str:
@@ -79,12 +114,20 @@ def test_quick_study_runs_writes_table_and_plots_and_resumes(digits, tmp_path):
     result = run_cli(*command, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    # Every run is a real 2-rank Horovod job with the grid's world size, virtual workers and lr.
-    for key, kn, virtual, lr in (("small", 8, 1, 0.02), ("large-gradual-warmup", 256, 32, 0.64)):
+    # Every run is a real Horovod job with the grid's world size, virtual workers and lr, pinned to one of the
+    # two CPUs (two runs side by side).
+    cpus = set()
+    for key, kn, virtual, lr in (("small", 8, 2, 0.02), ("large-gradual-warmup", 256, 64, 0.64)):
         for seed in (0, 1):
-            config = json.loads((output / "runs" / f"{key}-seed{seed}" / "config.json").read_text())
-            assert (config["world_size"], config["global_batch"], config["batches_per_allreduce"]) == (2, kn, virtual)
-            assert config["peak_lr"] == pytest.approx(lr) and config["seed"] == seed
+            run = output / "runs" / f"{key}-seed{seed}"
+            config = json.loads((run / "config.json").read_text())
+            assert (config["world_size"], config["global_batch"], config["virtual_workers_per_pass"]) == (1, kn,
+                                                                                                          virtual)
+            assert config["peak_lr"] == pytest.approx(lr) and config["seed"] == seed and config["loader"] == "memory"
+            launched = (run / "train.log").read_text().splitlines()[0].split()
+            assert launched[1:3] == ["taskset", "--cpu-list"] and "horovodrun" in launched[4]
+            cpus.add(launched[3])
+    assert cpus == {"0", "1"}
 
     results = json.loads((output / "results.json").read_text())
     assert [row["key"] for row in results["rows"]] == ["small", "large-gradual-warmup"]
@@ -102,8 +145,8 @@ def test_quick_study_runs_writes_table_and_plots_and_resumes(digits, tmp_path):
                                                              - small_row["train_error_mean"]))
     study = (output / "study.md").read_text()
     small, large = (mean_std(row["val_error"]) for row in results["rows"])
-    assert "| kn=8, eta=0.02 | 8 | 2 x 1 | 0.02 |" in study and f"**{small}**" in study
-    assert "| kn=256, eta=0.02x32, gradual warmup | 256 | 2 x 32 | 0.64 |" in study and f"**{large}**" in study
+    assert "| kn=8, eta=0.02 | 8 | 1 x 2 | 0.02 |" in study and f"**{small}**" in study
+    assert "| kn=256, eta=0.02x32, gradual warmup | 256 | 1 x 64 | 0.64 |" in study and f"**{large}**" in study
     for name in ("training_error.png", "lr_schedule.png"):
         with Image.open(output / name) as image:
             assert image.format == "PNG" and image.size[0] > 500
@@ -116,14 +159,14 @@ def test_quick_study_runs_writes_table_and_plots_and_resumes(digits, tmp_path):
 
 def test_study_of_another_grid_in_the_same_directory_is_refused(digits, tmp_path):
     (tmp_path / "study").mkdir()
-    (tmp_path / "study" / "study.json").write_text(json.dumps({"preset": "table1", "scale": Scale(epochs=36).__dict__}))
+    (tmp_path / "study" / "study.json").write_text(json.dumps({"preset": "table1", "scale": Scale(epochs=9).__dict__}))
     result = run_cli("study", "--data", digits, "--output", tmp_path / "study", "--preset", "quick")
     assert result.returncode == 2 and "holds a study with preset table1" in result.stderr
 
 
 def test_curve_gap_counts_the_epochs_after_warmup_only():
     """The training-curve closeness of Fig. 2-4: mean |row - baseline| of the mean curves after warmup."""
-    baseline, row = Outcome(BASELINE), Outcome(LARGE_GRADUAL)
+    baseline, row = Outcome(BASELINE), Outcome(Setting("large-gradual-warmup", 32, warmup="gradual"))
     baseline.train_curves = [[50, 20, 10, 5], [50, 22, 10, 5]]  # mean 50, 21, 10, 5
     row.train_curves = [[90, 30, 12, 5], [70, 30, 14, 5]]  # mean 80, 30, 13, 5
     assert curve_gap_after_warmup(row, baseline, warmup_epochs=1.5) == pytest.approx((9 + 3 + 0) / 3)
@@ -132,5 +175,6 @@ def test_curve_gap_counts_the_epochs_after_warmup_only():
 
 
 def test_presets_put_the_baseline_first():
-    for settings, _ in PRESETS.values():
-        assert not settings[0].large and settings[0].eta_factor == 1.0
+    for preset in PRESETS:
+        settings, _ = resolve(preset, Scale())
+        assert settings[0] == BASELINE and all(s.factor > 1 or s.eta_factor != 1 for s in settings[1:])

@@ -1,21 +1,24 @@
-"""Which `hvd-imagenet train` runs reproduce which row of Goyal et al. (2017) Table 1 and Table 2a.
+"""Which `hvd-imagenet train` runs reproduce which row of Goyal et al. (2017) Table 1, Table 2a and Fig. 1.
 
-The paper -> here (Scale's defaults, chosen so table1 x 3 seeds takes under an hour on 2 CPU cores):
+The paper -> here (Scale's defaults; make-dataset --kind cluttered-digits):
 
-    k workers x n=32 images          -> `ranks` Horovod ranks x virtual workers (--batches-per-allreduce) x n=4;
-                                        each micro-batch of n has its own BN statistics, as each worker does
-    baseline kn=256 (k=8)            -> small kn = ranks x n = 8
-    large kn=8k (k=256), 32x         -> large kn = ranks x 32 virtual workers x n = 256
+    k workers x n=32 images          -> k = ranks x virtual workers in one pass, n=4 each: each group of n has
+                                        its own BN statistics, as each worker does (Sec. 2.3; ghost BN)
+    baseline kn=256 (k=8)            -> small kn = k x n = 2 x 4 = 8 (1 rank x 2 virtual workers)
+    large kn=8k (k=256), 32x         -> large kn = 32x the small: 64 virtual workers, one pass of 256 images
+    Fig. 1: kn from 64 to 64k        -> fig1: kn from 8 doubling to 128x it (1,024)
     eta = 0.1 for kn=256             -> eta = 0.02 for the small kn (--ref-batch = small kn)
-    90 epochs, 5 of warmup,          -> the same fractions of --epochs: 36 epochs, 2 of warmup, /10 at 12, 24, 32
+    90 epochs, 5 of warmup,          -> the same fractions of --epochs: 9 epochs, 0.5 of warmup, /10 at 3, 6, 8
       /10 at 30, 60, 80
-    ResNet-50, ImageNet, 224 px      -> cifar_resnet14 (0.18M parameters), scikit-learn's digits, 16 px crops
-    ~14k steps at 8k                 -> 5 steps per epoch at large kn (1,438 images): 180 steps
+    ResNet-50, ImageNet, 224 px      -> cifar_resnet14 (0.18M parameters), 28,760 cluttered digits, 16 px crops
+    1.28M images, kn=8k reads 0.64%  -> the large kn reads 0.89% of the training set per step
+    ~14k steps at 8k                 -> 112 steps per epoch at the large kn: 1,008 steps
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 from ..config import TrainConfig
 from ..errors import UserError
@@ -29,9 +32,12 @@ PAPER_EPOCHS, PAPER_WARMUP, PAPER_LR_STEPS = 90, 5, (30, 60, 80)  # Sec. 2.2, 5.
 class Scale:
     """The study's stand-ins for the paper's sizes; every field is a `study` flag."""
 
-    ranks: int = opt("Horovod ranks (real workers) per run", 2, min=1)
-    batch_size: int = opt("n: images per (virtual) worker per step", 4, min=1)
-    large_factor: int = opt("large kn / small kn, made of virtual workers (the paper's 8k / 256 = 32)", 32, min=1)
+    ranks: int = opt("Horovod ranks (real workers) per run; the rest of k are virtual workers", 1, min=1)
+    small_workers: int = opt("k of the small kn (the paper's 8): ranks x virtual workers per pass", 2, min=1)
+    batch_size: int = opt("n: images per (virtual) worker per step, each with its own BN statistics", 4, min=1)
+    large_factor: int = opt("table1, table2a: large kn / small kn (the paper's 8k / 256 = 32)", 32, min=1)
+    max_factor: int = opt("fig1: the sweep's largest kn / small kn; kn doubles from the small kn up to it", 128,
+                          min=2)
     eta: float = opt("the small kn's lr (the paper's eta = 0.1 for kn = 256)", 0.02, above=0)
     epochs: int = opt("epochs per run (0: the preset's); warmup and lr steps keep the paper's fractions of 90", 0,
                       min=0)
@@ -43,22 +49,21 @@ class Scale:
 
     def __post_init__(self):
         check(self)
+        if self.small_workers % self.ranks:
+            raise UserError(f"--small-workers {self.small_workers} must be a multiple of --ranks {self.ranks}: "
+                            "each rank runs the same number of virtual workers")
 
     @property
     def small_kn(self) -> int:
-        return self.ranks * self.batch_size
-
-    @property
-    def large_kn(self) -> int:
-        return self.small_kn * self.large_factor
+        return self.small_workers * self.batch_size
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of the paper's tables: a minibatch size, an lr rule and a warmup."""
+    """One row of the paper's tables or one point of its Fig. 1: a minibatch size, an lr rule and a warmup."""
 
     key: str  # the run directories' name: runs/<key>-seed<s>
-    large: bool  # kn = large_kn (virtual workers) or small_kn
+    factor: int = 1  # kn / the small kn, by more virtual workers
     warmup: str = "none"
     lr_scaling: str = "linear"
     eta_factor: float = 1.0  # x Scale.eta (Table 2a's 0.05 / 0.1 / 0.2)
@@ -67,27 +72,46 @@ class Setting:
     def label(self, scale: Scale) -> str:
         """'kn=256, eta=0.02x32, gradual warmup', as the paper writes its rows."""
         eta = f"{self.eta_factor * scale.eta:g}"
-        factor = {"linear": f"x{scale.large_factor}", "sqrt": f"xsqrt({scale.large_factor})", "none": ""}
-        lr = f"{eta}{factor[self.lr_scaling]}" if self.large else eta
-        warmup = f", {self.warmup} warmup" if self.large and self.warmup != "none" else ""
-        return f"kn={scale.large_kn if self.large else scale.small_kn}, eta={lr}{warmup}"
+        factor = {"linear": f"x{self.factor}", "sqrt": f"xsqrt({self.factor})", "none": ""}
+        lr = f"{eta}{factor[self.lr_scaling]}" if self.factor > 1 else eta
+        warmup = f", {self.warmup} warmup" if self.factor > 1 and self.warmup != "none" else ""
+        return f"kn={global_batch(self, scale)}, eta={lr}{warmup}"
 
 
-BASELINE = Setting("small", large=False, paper="23.60 ± 0.12")
-LARGE_GRADUAL = Setting("large-gradual-warmup", large=True, warmup="gradual", paper="23.74 ± 0.09")
-PRESETS: dict[str, tuple[tuple[Setting, ...], int]] = {  # settings (the baseline first) and default epochs
-    "table1": ((BASELINE,
-                Setting("large-no-warmup", large=True, paper="24.84 ± 0.37"),
-                Setting("large-constant-warmup", large=True, warmup="constant", paper="25.88 ± 0.56"),
-                LARGE_GRADUAL), 36),
-    "table2a": ((BASELINE,
-                 Setting("small-eta-x0.5", large=False, eta_factor=0.5, paper="23.92 ± 0.10"),
-                 Setting("small-eta-x2", large=False, eta_factor=2.0, paper="23.68 ± 0.09"),
-                 Setting("large-linear", large=True, warmup="gradual", paper="23.74 ± 0.09"),
-                 Setting("large-unscaled", large=True, warmup="gradual", lr_scaling="none", paper="41.67 ± 0.10"),
-                 Setting("large-sqrt", large=True, warmup="gradual", lr_scaling="sqrt", paper="26.22 ± 0.03")), 36),
-    "quick": ((BASELINE, LARGE_GRADUAL), 3),
-}
+BASELINE = Setting("small", paper="23.60 ± 0.12")
+
+
+def table1(scale: Scale) -> tuple[Setting, ...]:
+    large = scale.large_factor
+    return (BASELINE,
+            Setting("large-no-warmup", large, paper="24.84 ± 0.37"),
+            Setting("large-constant-warmup", large, warmup="constant", paper="25.88 ± 0.56"),
+            Setting("large-gradual-warmup", large, warmup="gradual", paper="23.74 ± 0.09"))
+
+
+def table2a(scale: Scale) -> tuple[Setting, ...]:
+    large = scale.large_factor
+    return (BASELINE,
+            Setting("small-eta-x0.5", eta_factor=0.5, paper="23.92 ± 0.10"),
+            Setting("small-eta-x2", eta_factor=2.0, paper="23.68 ± 0.09"),
+            Setting("large-linear", large, warmup="gradual", paper="23.74 ± 0.09"),
+            Setting("large-unscaled", large, warmup="gradual", lr_scaling="none", paper="41.67 ± 0.10"),
+            Setting("large-sqrt", large, warmup="gradual", lr_scaling="sqrt", paper="26.22 ± 0.03"))
+
+
+def fig1(scale: Scale) -> tuple[Setting, ...]:
+    """kn doubling from the small kn, linear rule and gradual warmup (the paper: 64 to 64k; flat up to 8k)."""
+    factors = [2 ** i for i in range(1, scale.max_factor.bit_length()) if 2 ** i <= scale.max_factor]
+    return (BASELINE, *(Setting(f"x{f}", f, warmup="gradual") for f in factors))
+
+
+def quick(scale: Scale) -> tuple[Setting, ...]:
+    return BASELINE, table1(scale)[-1]
+
+
+# name -> (its settings, the baseline first; its default epochs)
+PRESETS: dict[str, tuple[Callable[[Scale], tuple[Setting, ...]], int]] = {
+    "table1": (table1, 9), "table2a": (table2a, 9), "fig1": (fig1, 9), "quick": (quick, 3)}
 
 
 def resolve(preset: str, scale: Scale) -> tuple[tuple[Setting, ...], Scale]:
@@ -95,12 +119,13 @@ def resolve(preset: str, scale: Scale) -> tuple[tuple[Setting, ...], Scale]:
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     settings, epochs = PRESETS[preset]
-    return settings, scale if scale.epochs else dataclasses.replace(scale, epochs=epochs)
+    scale = scale if scale.epochs else dataclasses.replace(scale, epochs=epochs)
+    return settings(scale), scale
 
 
 def lr_policy(setting: Setting, scale: Scale) -> LRPolicy:
-    """The lr flags of a run: eta for the small kn, the setting's rule to the large kn, and the paper's warmup
-    and step schedule shrunk to scale.epochs (Sec. 2.1, 2.2, 5.1)."""
+    """The lr flags of a run: eta for the small kn, the setting's rule to its kn, and the paper's warmup and
+    step schedule shrunk to scale.epochs (Sec. 2.1, 2.2, 5.1)."""
     fraction = scale.epochs / PAPER_EPOCHS
     steps = tuple(sorted({max(1, round(step * fraction)) for step in PAPER_LR_STEPS}))
     return LRPolicy(base_lr=setting.eta_factor * scale.eta, ref_batch=scale.small_kn, lr_scaling=setting.lr_scaling,
@@ -108,13 +133,18 @@ def lr_policy(setting: Setting, scale: Scale) -> LRPolicy:
 
 
 def global_batch(setting: Setting, scale: Scale) -> int:
-    return scale.large_kn if setting.large else scale.small_kn
+    return scale.small_kn * setting.factor
+
+
+def workers(setting: Setting, scale: Scale) -> int:
+    """k: the setting's workers, ranks x virtual workers per pass."""
+    return scale.small_workers * setting.factor
 
 
 # The `train` flags a study run sets; the rest keep train's defaults.
 RUN_FLAGS = ("data", "output", "seed", "epochs", "arch", "image_size", "val_resize", "min_crop_area", "batch_size",
-             "batches_per_allreduce", "base_lr", "ref_batch", "lr_scaling", "warmup", "warmup_epochs", "lr_steps",
-             "keep_checkpoints")
+             "virtual_workers_per_pass", "loader", "base_lr", "ref_batch", "lr_scaling", "warmup", "warmup_epochs",
+             "lr_steps", "keep_checkpoints")
 
 
 def train_config(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> TrainConfig:
@@ -122,9 +152,10 @@ def train_config(setting: Setting, scale: Scale, seed: int, data: str, output: s
     return TrainConfig(
         data=data, output=output, seed=seed, epochs=scale.epochs, arch=scale.arch, image_size=scale.image_size,
         val_resize=scale.val_resize, min_crop_area=scale.min_crop_area, batch_size=scale.batch_size,
-        # Virtual workers: the large kn's extra workers are backward passes per step on each rank (Sec. 2.3).
-        batches_per_allreduce=scale.large_factor if setting.large else 1, lr=lr_policy(setting, scale),
-        keep_checkpoints=1)
+        # The k workers: each rank runs k / ranks of them in one forward/backward, BN over each n (Sec. 2.3).
+        virtual_workers_per_pass=workers(setting, scale) // scale.ranks, lr=lr_policy(setting, scale),
+        # A small data set decoded once into RAM: on a CPU, per-image decoding would cost more than the step.
+        loader="memory", keep_checkpoints=1)
 
 
 def train_args(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> list[str]:

@@ -1,6 +1,7 @@
 """study.md, results.json and the plots of a finished study, from its runs' metrics.jsonl and config.json.
 
-The error of a run is the paper's: the median of the last FINAL_EPOCHS epochs' top-1 val error (Sec. 5.1);
+The error of a run is the paper's: the median of the top-1 val error of its last epochs, 5 of 90 in the paper
+(Sec. 5.1), the same fraction of a study's epochs here (at least 1: the last epoch of a 9-epoch run);
 a row is mean ± std over its seeds (sample std, ddof=1), as the paper's tables are over 5 runs.
 """
 from __future__ import annotations
@@ -15,13 +16,16 @@ from ..cpus import available_cpus
 from ..errors import Diverged, UserError
 from ..metrics import read_metrics
 from ..schedule import lr_at
-from .grid import Scale, Setting, global_batch, lr_policy, peak
+from .grid import PAPER_EPOCHS, Scale, Setting, global_batch, lr_policy, peak, workers
 from .run import Run
 
-FINAL_EPOCHS = 5
+PAPER_FINAL_EPOCHS = 5  # of PAPER_EPOCHS: the paper's error is the median of these epochs' (Sec. 5.1)
 COLUMNS = ("setting", "kn", "workers", "peak lr", "lr rule", "warmup", "steps", "seeds", "val error %", "gap",
            "train err %", "curve gap", "paper")  # study.md's table
 PLOTS = ("training_error.png", "lr_schedule.png")
+FIG1_PLOT = "val_error_vs_kn.png"
+PANELS_PER_LINE = 4  # training_error.png: one panel per row after the baseline
+EFFECTIVE_WITHIN = 1.0  # points of val error from the baseline: the maximum effective minibatch's criterion
 
 
 @dataclass
@@ -72,8 +76,13 @@ def curve_gap_after_warmup(outcome: Outcome, baseline: Outcome, warmup_epochs: f
     return statistics.mean(after) if after else None
 
 
+def final_epochs(epochs: int) -> int:
+    """The last epochs whose val errors' median is a run's error: 5 of 90, in proportion, at least 1."""
+    return max(1, round(PAPER_FINAL_EPOCHS * epochs / PAPER_EPOCHS))
+
+
 def final_error(records: list[dict]) -> float:
-    return statistics.median(100 - r["val_top1"] for r in records[-FINAL_EPOCHS:])
+    return statistics.median(100 - r["val_top1"] for r in records[-final_epochs(len(records)):])
 
 
 def collect(runs: list[Run], settings: tuple[Setting, ...], epochs: int) -> list[Outcome]:
@@ -94,26 +103,50 @@ def collect(runs: list[Run], settings: tuple[Setting, ...], epochs: int) -> list
     return list(outcomes.values())
 
 
+def max_effective_kn(outcomes: list[Outcome], scale: Scale) -> int | None:
+    """Fig. 1's maximum effective minibatch: the largest kn such that it and every kn below it train to a mean
+    val error within EFFECTIVE_WITHIN points of the baseline's (None without a finished baseline)."""
+    baseline = outcomes[0]
+    if not baseline.errors:
+        return None
+    best = global_batch(baseline.setting, scale)
+    for outcome in sorted(outcomes[1:], key=lambda o: o.setting.factor):
+        if not outcome.errors or statistics.mean(outcome.errors) > statistics.mean(baseline.errors) + EFFECTIVE_WITHIN:
+            break
+        best = global_batch(outcome.setting, scale)
+    return best
+
+
 def write_report(runs: list[Run], settings: tuple[Setting, ...], scale: Scale, preset: str, command: str,
                  output: Path) -> list[Path]:
-    """Write study.md, results.json and PLOTS into output; returns their paths."""
+    """Write study.md, results.json and PLOTS (and fig1's plot) into output; returns their paths."""
     outcomes = collect(runs, settings, scale.epochs)
     if not any(o.errors for o in outcomes):
         raise UserError(f"study: no run in {output / 'runs'} has finished; nothing to report")
     plot_training_error(outcomes, scale, output / PLOTS[0])
     plot_lr_schedules(outcomes, scale, output / PLOTS[1])
+    plots = list(PLOTS)
+    effective = None
+    if preset == "fig1":
+        effective = max_effective_kn(outcomes, scale)
+        plot_val_error_vs_kn(outcomes, scale, effective, output / FIG1_PLOT)
+        plots.append(FIG1_PLOT)
     seeds = max(r.seed for r in runs) + 1
     results = {
         "preset": preset, "command": command, "scale": scale.__dict__, "seeds": seeds,
-        "error": f"median top-1 val error % of the last {FINAL_EPOCHS} epochs, per seed; mean and sample std "
-                 "over the seeds that finished",
+        "error": f"median top-1 val error % of the last {final_epochs(scale.epochs)} epoch(s) (the paper's 5 of 90 "
+                 "in proportion), per seed; mean and sample std over the seeds that finished",
         "train_curve_gap": "mean |row - baseline| of the mean training-error curves over the epochs after warmup, "
                            "points (Fig. 2-4)",
         "rows": [row(o, outcomes[0], scale) for o in outcomes],
     }
+    if preset == "fig1":
+        results["max_effective_kn"] = effective
+        results["max_effective_kn_rule"] = (f"the largest kn with it and every smaller kn within {EFFECTIVE_WITHIN:g} "
+                                            "point of the baseline's mean val error")
     (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (output / "study.md").write_text(markdown(outcomes, scale, preset, command, seeds))
-    return [output / "study.md", output / "results.json", *(output / name for name in PLOTS)]
+    (output / "study.md").write_text(markdown(outcomes, scale, preset, command, seeds) + fig1_section(effective))
+    return [output / "study.md", output / "results.json", *(output / name for name in plots)]
 
 
 def row(outcome: Outcome, baseline: Outcome, scale: Scale) -> dict:
@@ -137,9 +170,9 @@ def markdown(outcomes: list[Outcome], scale: Scale, preset: str, command: str, s
         s = o.setting
         gap = (f"{statistics.mean(o.errors) - statistics.mean(baseline.errors):+.2f}"
                if o is not baseline and o.errors and baseline.errors else "")
-        workers = f"{scale.ranks} x {scale.large_factor if s.large else 1}"
+        k = f"{scale.ranks} x {workers(s, scale) // scale.ranks}"
         curve = curve_gap_after_warmup(o, baseline, lr_policy(s, scale).warmup_epochs)
-        rows.append(f"| {s.label(scale)} | {global_batch(s, scale)} | {workers} | {peak(s, scale):.4g} | "
+        rows.append(f"| {s.label(scale)} | {global_batch(s, scale)} | {k} | {peak(s, scale):.4g} | "
                     f"{s.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | **{o.summary()}** | "
                     f"{gap} | {mean_std(o.train_final) if o.train_final else '-'} | "
                     f"{'' if curve is None else f'{curve:.2f}'} | {s.paper} |")
@@ -151,12 +184,13 @@ Written by `hvd-imagenet study` from the runs in `runs/` (each run's `metrics.js
 
     {command}
 
-Top-1 val error (%) is the paper's measure: the median of the last {FINAL_EPOCHS} epochs' val error of a run; each
-row is mean ± std (sample std) over its seeds ({seeds} asked; "seeds" counts those that finished, a diverged
-run is counted apart). "workers" is Horovod ranks x virtual workers per rank (the paper's k). "gap" is the
-row's mean minus the baseline's (first row), in points; "train err" is the last epoch's (augmented images,
-train-mode BN), mean ± std; "curve gap" is how far the row's mean training-error curve lies from the
-baseline's after warmup (mean |difference| over those epochs, points: the paper's Fig. 2-4 have them match).
+Top-1 val error (%) is the paper's measure: the median of the val error of a run's last {final_epochs(scale.epochs)}
+epoch(s) (the paper's 5 of 90, in proportion); each row is mean ± std (sample std) over its seeds ({seeds} asked;
+"seeds" counts those that finished, a diverged run is counted apart). "workers" is Horovod ranks x virtual
+workers per rank in one pass (the paper's k). "gap" is the row's mean minus the baseline's (first row), in
+points; "train err" is the last epoch's (augmented images, train-mode BN), mean ± std; "curve gap" is how far
+the row's mean training-error curve lies from the baseline's after warmup (mean |difference| over those
+epochs, points: the paper's Fig. 2-4 have them match).
 The last column is the paper's row (ResNet-50 on ImageNet, Goyal et al. 2017, Table 1 / 2a, 5 runs each).
 
 | {" | ".join(COLUMNS)} |
@@ -178,6 +212,48 @@ the paper's Fig. 2 does.
 
 The lr of each row against the epoch (left: the whole run, log scale; right: the first epochs).
 """
+
+
+def fig1_section(effective: int | None) -> str:
+    if effective is None:
+        return ""
+    return f"""
+## Fig. 1: val error vs minibatch size
+
+**Maximum effective minibatch: kn = {effective}**, the largest kn with it and every smaller kn within
+{EFFECTIVE_WITHIN:g} point of the baseline's mean val error (the paper's: 8k on ImageNet, flat from 64 to 8k).
+
+![val error vs kn]({FIG1_PLOT})
+
+Top-1 val error, mean ± std over seeds, against kn (log scale; linear scaling rule and gradual warmup at
+every kn); the band is the baseline's error + {EFFECTIVE_WITHIN:g} point.
+"""
+
+
+def plot_val_error_vs_kn(outcomes: list[Outcome], scale: Scale, effective: int | None, path: Path) -> None:
+    """The paper's Fig. 1: error vs kn, mean ± std over seeds, the baseline's +1 point band, the limit marked."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6.5, 4))
+    done = [o for o in outcomes if o.errors]
+    kns = [global_batch(o.setting, scale) for o in done]
+    means = [statistics.mean(o.errors) for o in done]
+    stds = [std(o.errors) or 0.0 for o in done]
+    ax.errorbar(kns, means, yerr=stds, marker="o", capsize=3, color="tab:blue", label="mean ± std over seeds")
+    if outcomes[0].errors:
+        base = statistics.mean(outcomes[0].errors)
+        ax.axhspan(base, base + EFFECTIVE_WITHIN, color="tab:green", alpha=0.15,
+                   label=f"baseline + {EFFECTIVE_WITHIN:g} point")
+    if effective:
+        ax.axvline(effective, color="tab:red", linestyle="--", label=f"maximum effective kn = {effective}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(kns, [str(kn) for kn in kns])
+    ax.set_xlabel("minibatch size kn")
+    ax.set_ylabel("top-1 val error %")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _pyplot():
@@ -207,7 +283,9 @@ def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> No
 
     plt = _pyplot()
     baseline, others = outcomes[0], outcomes[1:] or outcomes[:1]
-    figure, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 4), sharey=True, squeeze=False)
+    columns = min(len(others), PANELS_PER_LINE)
+    lines = -(-len(others) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(5 * columns, 4 * lines), sharey=True, squeeze=False)
 
     def draw(ax, outcome: Outcome, color: str) -> None:
         if not outcome.train_curves:
@@ -218,7 +296,9 @@ def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> No
         ax.plot(epochs, mean, color=color, label=f"{outcome.setting.label(scale)}: {outcome.summary()}%")
         ax.fill_between(epochs, np.maximum(mean - std, 1e-2), mean + std, color=color, alpha=0.2)
 
-    for ax, outcome in zip(axes[0], others):
+    for ax in axes.flat[len(others):]:
+        ax.set_visible(False)
+    for ax, outcome in zip(axes.flat, others):
         draw(ax, baseline, "tab:blue")
         if outcome is not baseline:
             draw(ax, outcome, "tab:red")
@@ -227,7 +307,8 @@ def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> No
         ax.set_xlabel("epoch")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
-    axes[0][0].set_ylabel("training error % (log scale)")
+    for line in axes:
+        line[0].set_ylabel("training error % (log scale)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -1,4 +1,5 @@
-"""Run a study's grid: one `hvd-imagenet train` job per (setting, seed) under horovodrun, one after another.
+"""Run a study's grid: one `hvd-imagenet train` job per (setting, seed) under horovodrun, several side by side
+when the CPUs allow (--parallel), each pinned to its own CPUs with taskset.
 
 Each run writes runs/<key>-seed<s>/ (its config.json, metrics.jsonl, a checkpoint and train.log). A run that
 finished is not run again, and one that was cut short resumes from its checkpoint: an interrupted study picks
@@ -7,10 +8,13 @@ up where it stopped when the same command is given again.
 from __future__ import annotations
 
 import json
+import os
+import queue
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,10 +57,22 @@ def horovodrun() -> str:
     return found
 
 
-def launch(run: Run, scale: Scale, data: Path) -> int:
-    """One training run on scale.ranks local ranks (Gloo); its output goes to train.log. The exit status."""
+def cpu_sets(parallel: int, ranks: int) -> list[list[int]]:
+    """The CPUs of each of `parallel` side-by-side runs (0: as many as the CPUs hold runs of `ranks` ranks)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    count = parallel or max(1, len(cpus) // ranks)
+    if count > len(cpus):
+        raise UserError(f"study: --parallel {count} is more runs than this process's {len(cpus)} CPUs")
+    share = len(cpus) // count
+    return [cpus[i * share:(i + 1) * share] for i in range(count)]
+
+
+def launch(run: Run, scale: Scale, data: Path, cpus: list[int] | None) -> int:
+    """One training run on scale.ranks local ranks (Gloo), on `cpus` only when given; its output goes to
+    train.log. The exit status."""
     run.directory.mkdir(parents=True, exist_ok=True)
-    command = [horovodrun(), "-np", str(scale.ranks), "-H", f"localhost:{scale.ranks}", "--gloo",
+    pin = ["taskset", "--cpu-list", ",".join(map(str, cpus))] if cpus else []
+    command = [*pin, horovodrun(), "-np", str(scale.ranks), "-H", f"localhost:{scale.ranks}", "--gloo",
                sys.executable, "-m", "hvd_imagenet.cli", "train",
                *train_args(run.setting, scale, run.seed, str(data), str(run.directory)), "--resume"]
     with open(run.directory / LOG_NAME, "a") as log:
@@ -70,28 +86,55 @@ def log_tail(run: Run, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
-def run_all(runs: list[Run], scale: Scale, data: Path) -> None:
-    """Every run not yet finished, with a progress bar over runs and one line per run."""
+def outcome_line(run: Run, scale: Scale, status: int, seconds: float) -> str:
+    """'val top-1 error 12.34% after epoch 18' (or diverged); a failed run raises, with its log's end."""
+    if (run.directory / Diverged.RECORD_FILE).exists():  # a result, not a failure: the table shows it
+        return "diverged (NaN/inf gradients)"
+    if status != 0:
+        raise UserError(f"study: run {run.name} failed (exit {status}) after {seconds:.0f} s; the end of "
+                        f"{run.directory / LOG_NAME}:\n{log_tail(run)}\nGive the same command again to "
+                        "resume the study")
+    last = read_metrics(run.directory)[-1]
+    return f"val top-1 error {100 - last['val_top1']:.2f}% after epoch {last['epoch']}"
+
+
+def run_all(runs: list[Run], scale: Scale, data: Path, parallel: int = 0) -> None:
+    """Every run not yet finished, the smallest kn (the longest runs) first, up to `parallel` side by side on
+    CPUs of their own; a progress bar over runs and one line per finished run."""
     check_data(data)
-    todo = [run for run in runs if not finished(run, scale.epochs)]
+    todo = sorted((run for run in runs if not finished(run, scale.epochs)), key=lambda r: r.setting.factor)
     if len(todo) < len(runs):
         print(f"study: {len(runs) - len(todo)} of {len(runs)} runs finished earlier; running the other {len(todo)}")
-    bar = tqdm(todo, desc="study", unit="run", file=sys.stdout, dynamic_ncols=True, disable=None)  # None: TTY only
-    for run in bar:
-        bar.set_postfix_str(run.name)
-        start = time.perf_counter()
-        status = launch(run, scale, data)
-        seconds = time.perf_counter() - start
-        if (run.directory / Diverged.RECORD_FILE).exists():  # a result, not a failure: the table shows it
-            outcome = "diverged (NaN/inf gradients)"
-        elif status != 0:
-            raise UserError(f"study: run {run.name} failed (exit {status}) after {seconds:.0f} s; the end of "
-                            f"{run.directory / LOG_NAME}:\n{log_tail(run)}\nGive the same command again to "
-                            "resume the study")
-        else:
-            last = read_metrics(run.directory)[-1]
-            outcome = f"val top-1 error {100 - last['val_top1']:.2f}% after epoch {last['epoch']}"
-        tqdm.write(f"study: {run.name} ({run.setting.label(scale)}): {outcome}, {seconds:.0f} s", file=sys.stdout)
+    sets = cpu_sets(parallel, scale.ranks)
+    free = queue.Queue()
+    for cpus in sets:
+        free.put(cpus if len(sets) > 1 else None)
+    print(f"study: {len(sets)} run(s) at a time, {scale.ranks} rank(s) each; each run's log: "
+          f"{runs[0].directory.parent}/<run>/{LOG_NAME}", flush=True)
+
+    def one(run: Run) -> tuple[Run, int, float]:
+        cpus = free.get()
+        try:
+            where = f" on CPU(s) {','.join(map(str, cpus))}" if cpus else ""
+            tqdm.write(f"study: {run.name} ({run.setting.label(scale)}) started{where}", file=sys.stdout)
+            start = time.perf_counter()
+            return run, launch(run, scale, data, cpus), time.perf_counter() - start
+        finally:
+            free.put(cpus)
+
+    bar = tqdm(total=len(todo), desc="study", unit="run", file=sys.stdout, dynamic_ncols=True, disable=None)
+    with ThreadPoolExecutor(max_workers=len(sets)) as pool:
+        futures = [pool.submit(one, run) for run in todo]
+        try:
+            for future in as_completed(futures):
+                run, status, seconds = future.result()
+                outcome = outcome_line(run, scale, status, seconds)
+                tqdm.write(f"study: {run.name} ({run.setting.label(scale)}): {outcome}, {seconds:.0f} s",
+                           file=sys.stdout)
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # runs under way finish; a resume skips them
+            raise
     bar.close()
 
 
@@ -111,11 +154,13 @@ def write_plan(runs: list[Run], scale: Scale, preset: str, command: str, output:
 
 @dataclass(frozen=True)
 class StudyOptions:
-    data: str = opt("ImageNet-layout data set (make-dataset --kind digits)")
+    data: str = opt("ImageNet-layout data set (make-dataset --kind cluttered-digits)")
     output: str = opt("study directory: study.md, *.png, runs/")
     preset: str = opt("table1: no/constant/gradual warmup at large kn vs the small-kn baseline; table2a: lr scaling "
-                      "rules; quick: baseline and gradual warmup, 3 epochs", "table1", choices=tuple(PRESETS))
+                      "rules; fig1: val error vs kn, up to --max-factor x the small kn, and the largest kn within "
+                      "1 point of it; quick: baseline and gradual warmup, 3 epochs", "table1", choices=tuple(PRESETS))
     seeds: int = opt("runs per setting (seeds 0..N-1)", 3, min=1)
+    parallel: int = opt("runs side by side, each pinned to its share of the CPUs (0: CPUs // ranks)", 0, min=0)
     scale: Scale = field(default_factory=Scale)
 
     def __post_init__(self):
@@ -130,13 +175,14 @@ def run(options: StudyOptions) -> None:
     runs = plan(settings, options.seeds, output)
     command = "hvd-imagenet " + " ".join(sys.argv[1:])
     write_plan(runs, scale, options.preset, command, output)
-    run_all(runs, scale, Path(options.data))
+    run_all(runs, scale, Path(options.data), options.parallel)
     written = report.write_report(runs, settings, scale, options.preset, command, output)
     print(f"study: wrote {', '.join(str(path) for path in written)}")
 
 
 COMMAND = Command(StudyOptions, run, description=(
-    "Runs a grid of `train` jobs under horovodrun (one after another; give the same command again to resume) and "
-    "writes OUTPUT/study.md with the top-1 val error of each row, mean ± std over seeds, and PNG plots. Defaults: "
-    "scikit-learn's digits (make-dataset --kind digits), cifar_resnet14, small kn = 2 ranks x n=4 = 8, large kn = "
-    "32x that by virtual workers; see hvd_imagenet/study/grid.py and the README."))
+    "Runs a grid of `train` jobs under horovodrun (side by side on the CPUs; give the same command again to resume) "
+    "and writes OUTPUT/study.md with the top-1 val error of each row, mean ± std over seeds, results.json and PNG "
+    "plots. Defaults: make-dataset --kind cluttered-digits, cifar_resnet14, small kn = 2 workers x n=4 = 8, large "
+    "kn = 32x that, all workers but the ranks virtual ones in one pass; see hvd_imagenet/study/grid.py and the "
+    "README."))
