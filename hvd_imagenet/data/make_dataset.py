@@ -231,7 +231,7 @@ class MakeDatasetOptions:
 def run(options: MakeDatasetOptions) -> None:
     output = Path(options.output)
     if options.kind in ("digits", "cluttered-digits"):
-        fixed = ("classes", "train_per_class", "val_per_class") + (("seed",) if options.kind == "digits" else ())
+        fixed = [name for name in SHAPES_DEFAULTS if name != "seed" or options.kind == "digits"]  # cluttered: seeded
         given = [f"--{name.replace('_', '-')}" for name in fixed if getattr(options, name) is not None]
         if given:
             raise UserError(f"--kind {options.kind} is a fixed data set (10 classes, a fixed split); drop "

@@ -141,6 +141,11 @@ def workers(setting: Setting, scale: Scale) -> int:
     return scale.small_workers * setting.factor
 
 
+def virtual_workers_per_pass(setting: Setting, scale: Scale) -> int:
+    """Each rank's share of the k workers, run in one forward/backward."""
+    return workers(setting, scale) // scale.ranks
+
+
 # The `train` flags a study run sets; the rest keep train's defaults.
 RUN_FLAGS = ("data", "output", "seed", "epochs", "arch", "image_size", "val_resize", "min_crop_area", "batch_size",
              "virtual_workers_per_pass", "loader", "base_lr", "ref_batch", "lr_scaling", "warmup", "warmup_epochs",
@@ -153,7 +158,7 @@ def train_config(setting: Setting, scale: Scale, seed: int, data: str, output: s
         data=data, output=output, seed=seed, epochs=scale.epochs, arch=scale.arch, image_size=scale.image_size,
         val_resize=scale.val_resize, min_crop_area=scale.min_crop_area, batch_size=scale.batch_size,
         # The k workers: each rank runs k / ranks of them in one forward/backward, BN over each n (Sec. 2.3).
-        virtual_workers_per_pass=workers(setting, scale) // scale.ranks, lr=lr_policy(setting, scale),
+        virtual_workers_per_pass=virtual_workers_per_pass(setting, scale), lr=lr_policy(setting, scale),
         # A small data set decoded once into RAM: on a CPU, per-image decoding would cost more than the step.
         loader="memory", keep_checkpoints=1)
 

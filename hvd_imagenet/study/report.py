@@ -16,7 +16,7 @@ from ..cpus import available_cpus
 from ..errors import Diverged, UserError
 from ..metrics import read_metrics
 from ..schedule import lr_at
-from .grid import PAPER_EPOCHS, Scale, Setting, global_batch, lr_policy, peak, workers
+from .grid import PAPER_EPOCHS, Scale, Setting, global_batch, lr_policy, peak, virtual_workers_per_pass
 from .run import Run
 
 PAPER_FINAL_EPOCHS = 5  # of PAPER_EPOCHS: the paper's error is the median of these epochs' (Sec. 5.1)
@@ -170,7 +170,7 @@ def markdown(outcomes: list[Outcome], scale: Scale, preset: str, command: str, s
         s = o.setting
         gap = (f"{statistics.mean(o.errors) - statistics.mean(baseline.errors):+.2f}"
                if o is not baseline and o.errors and baseline.errors else "")
-        k = f"{scale.ranks} x {workers(s, scale) // scale.ranks}"
+        k = f"{scale.ranks} x {virtual_workers_per_pass(s, scale)}"
         curve = curve_gap_after_warmup(o, baseline, lr_policy(s, scale).warmup_epochs)
         rows.append(f"| {s.label(scale)} | {global_batch(s, scale)} | {k} | {peak(s, scale):.4g} | "
                     f"{s.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | **{o.summary()}** | "
