@@ -264,6 +264,7 @@ class Trainer:
             path = self.finish_epoch(state)
             state.epoch, state.images_done, state.sums, state.seconds, state.skipped = epoch + 1, 0, None, 0.0, 0
             state.commit()
+            self.watchdog.progress("epoch end")  # the ranks agree on signals next: a collective, waits for all
             received = self.stop.agreed() if state.epoch < config.epochs else None  # a signal during val or save
             if received:
                 self.report_stop(received, state, path)

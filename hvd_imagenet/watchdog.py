@@ -57,7 +57,7 @@ class Watchdog:
 
     def progress(self, phase: str) -> None:
         """Progress made, and this rank now in `phase`: "training" (an epoch begins), "evaluation" (a batch),
-        "checkpoint", "shutdown"."""
+        "checkpoint", "epoch end" (the ranks' agreement on signals after an epoch's checkpoint), "shutdown"."""
         self.last_progress = time.monotonic()
         self.phase = phase
 
