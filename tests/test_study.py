@@ -3,14 +3,17 @@ runs end to end under real horovodrun on scikit-learn's digits, two runs side by
 table and the plots, and resumes without re-running."""
 import json
 import math
+import os
 import statistics
 
 import pytest
 from PIL import Image
 
+from hvd_imagenet.errors import UserError
 from hvd_imagenet.schedule import LRPolicy, lr_at
 from hvd_imagenet.study.grid import BASELINE, PRESETS, Scale, Setting, resolve, train_args
-from hvd_imagenet.study.report import Outcome, curve_gap_after_warmup, max_effective_kn
+from hvd_imagenet.study.report import Outcome, curve_gap_after_warmup, max_effective_kn, write_report
+from hvd_imagenet.study.run import cpu_sets, plan
 
 from conftest import run_cli
 
@@ -95,9 +98,49 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def test_fig1_report_names_the_maximum_effective_minibatch_and_plots_error_vs_kn(tmp_path):
+    """The report of a fig1 sweep (kn 8, 16, 32, 64; 2 seeds) from its runs' metrics.jsonl as `train` writes
+    them: kn=32 is the last within 1 point of the baseline (kn=64 is 1.5 over), so it is the maximum effective
+    minibatch in results.json and study.md, and val_error_vs_kn.png is written."""
+    settings, scale = resolve("fig1", Scale(max_factor=8, epochs=2))
+    errors = {1: 10.0, 2: 10.4, 4: 10.8, 8: 11.5}  # % by factor: within +1 up to x4
+    runs = plan(settings, 2, tmp_path)
+    for run in runs:
+        run.directory.mkdir(parents=True)
+        (run.directory / "config.json").write_text(json.dumps({"steps_per_epoch": 64 // run.setting.factor}))
+        error = errors[run.setting.factor] + 0.1 * run.seed
+        records = [{"epoch": e, "val_top1": 100 - error - 5 * (2 - e), "train_top1": 80.0 + e, "epoch_seconds": 1.0}
+                   for e in (1, 2)]
+        (run.directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = write_report(runs, settings, scale, "fig1", "hvd-imagenet study --preset fig1", tmp_path)
+    assert [path.name for path in written] == ["study.md", "results.json", "training_error.png", "lr_schedule.png",
+                                               "val_error_vs_kn.png"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["max_effective_kn"] == 32
+    assert [row["kn"] for row in results["rows"]] == [8, 16, 32, 64]
+    assert [round(row["val_error_mean"], 2) for row in results["rows"]] == [10.05, 10.45, 10.85, 11.55]
+    assert [row["steps"] for row in results["rows"]] == [128, 64, 32, 16]
+    assert "**Maximum effective minibatch: kn = 32**" in (tmp_path / "study.md").read_text()
+    with Image.open(tmp_path / "val_error_vs_kn.png") as plot:
+        assert plot.size[0] > 300
+
+
 def test_unknown_preset_is_refused():
     result = run_cli("study", "--data", "D", "--output", "O", "--preset", "table9")
     assert result.returncode == 2 and "invalid choice: 'table9'" in result.stderr
+
+
+def test_side_by_side_runs_share_this_process_cpus_and_no_more_runs_than_cpus():
+    """--parallel N: N runs, each pinned to its own equal share of the CPUs this process may use (0: as many
+    runs as the CPUs hold runs of --ranks ranks, at least one); more runs than CPUs is refused in one line."""
+    cpus = sorted(os.sched_getaffinity(0))
+    assert cpu_sets(1, 1) == [cpus]
+    default = cpu_sets(0, 1)
+    assert [len(share) for share in default] == [1] * len(cpus) and sorted(sum(default, [])) == cpus
+    assert cpu_sets(0, 2 * len(cpus)) == [cpus]  # more ranks than CPUs: one run on all of them
+    with pytest.raises(UserError, match=rf"--parallel {len(cpus) + 1} is more runs than this process's "
+                                        rf"{len(cpus)} CPUs"):
+        cpu_sets(len(cpus) + 1, 1)
 
 
 @pytest.fixture(scope="module")

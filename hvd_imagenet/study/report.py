@@ -268,13 +268,14 @@ def _pyplot():
 
 
 def log_axis(ax) -> None:
-    """A log-scale y axis labelled 0.1, 1, 10 (not 10^-1, 10^0, 10^1)."""
-    from matplotlib.ticker import FuncFormatter
+    """A log-scale y axis labelled 0.1, 0.2, 0.5, 1, 2, 5, 10 ... (not 10^-1, 10^0, 10^1): a curve within one
+    decade (training error from 80 to 9 %) still gets several labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     ax.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
 def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> None:
@@ -306,7 +307,7 @@ def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> No
         log_axis(ax)
         ax.set_xlabel("epoch")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="best")  # off the curves (an unscaled lr's runs along the top)
     for line in axes:
         line[0].set_ylabel("training error % (log scale)")
     figure.tight_layout()
