@@ -201,7 +201,8 @@ Scale: {scale.arch}, {scale.image_size} px crops (min area {scale.min_crop_area}
 (virtual) worker with its own BN statistics, {scale.epochs} epochs, warmup {policy.warmup_epochs:g} epochs, lr x0.1 at
 epochs {", ".join(map(str, policy.lr_steps))} (the paper's 5 and 30/60/80 of 90, in proportion); SGD with Nesterov
 momentum 0.9, weight decay 1e-4 not on BN/bias, zero-init of each block's last BN gamma. Training time
-{hours:.2f} h in all on {available_cpus()} CPU core(s) ({platform.machine()}).
+{hours:.2f} h, the runs' epoch times summed (runs side by side overlap: the wall time is shorter), on
+{available_cpus()} CPU core(s) ({platform.machine()}).
 
 ![training error vs epoch](training_error.png)
 
