@@ -4,6 +4,8 @@ table and the plots, and resumes without re-running."""
 import json
 import math
 import os
+import re
+import shutil
 import statistics
 
 import pytest
@@ -171,6 +173,15 @@ def test_quick_study_runs_writes_table_and_plots_and_resumes(digits, tmp_path):
             assert launched[1:3] == ["taskset", "--cpu-list"] and "horovodrun" in launched[4]
             cpus.add(launched[3])
     assert cpus == {"0", "1"}
+    # A line as each run starts and ends, in that order: never more runs under way than the two CPUs hold.
+    under_way = []
+    for line in result.stdout.splitlines():
+        if started := re.fullmatch(r"study: (\S+) \(.*\) started on CPU\(s\) [01]", line):
+            under_way.append(started[1])
+        elif ended := re.fullmatch(r"study: (\S+) \(.*\): val top-1 error [\d.]+% after epoch 1, \d+ s", line):
+            under_way.remove(ended[1])
+        assert len(under_way) <= 2, result.stdout
+    assert under_way == [] and result.stdout.count(" started on CPU(s) ") == 4, result.stdout
 
     results = json.loads((output / "results.json").read_text())
     assert [row["key"] for row in results["rows"]] == ["small", "large-gradual-warmup"]
@@ -198,6 +209,24 @@ def test_quick_study_runs_writes_table_and_plots_and_resumes(digits, tmp_path):
     again = run_cli(*command, timeout=300)
     assert again.returncode == 0 and "4 of 4 runs finished earlier" in again.stdout, again.stdout + again.stderr
     assert json.loads((output / "results.json").read_text()) == results
+
+
+def test_a_failed_run_stops_the_study_with_its_log_and_a_resume_hint(digits, tmp_path):
+    """A run that fails (here: an undecodable training image, which `train` refuses at its start) ends the study
+    with exit 2 and one message: the run, its exit status, and train's own error line from its train.log."""
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    broken = sorted((data / "train").rglob("*.JPEG"))[0]
+    broken.write_bytes(b"not a JPEG")
+    result = run_cli("study", "--data", data, "--output", tmp_path / "study", "--preset", "quick", "--seeds", "1",
+                     "--epochs", "1", "--parallel", "1", timeout=300)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    # horovodrun's status (1), then train's own line, which a tail of the log would miss under horovodrun's traceback
+    said = re.search(r"study: run small-seed0 failed \(exit 1\) after \d+ s; \S+/small-seed0/train.log says:\n"
+                     r"(.*)\nGive the same command again to resume the study\n", result.stderr)
+    assert said and f"hvd-imagenet train: error: rank 0: cannot decode {broken}" in said[1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert "large-gradual-warmup-seed0" not in result.stdout + result.stderr  # --parallel 1: never started
 
 
 def test_study_of_another_grid_in_the_same_directory_is_refused(digits, tmp_path):

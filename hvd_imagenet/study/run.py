@@ -13,6 +13,7 @@ import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -81,9 +82,13 @@ def launch(run: Run, scale: Scale, data: Path, cpus: list[int] | None) -> int:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
 
 
-def log_tail(run: Run, lines: int = 15) -> str:
+def why_it_failed(run: Run, lines: int = 15) -> str:
+    """Where the run's log says why: train's own one-line messages (`hvd-imagenet train: ...`, each rank's, which
+    horovodrun's traceback after them would push out of a tail), else the log's last lines."""
     text = (run.directory / LOG_NAME).read_text(errors="replace").splitlines()
-    return "\n".join(text[-lines:])
+    said = [line for line in text if "hvd-imagenet train: " in line]
+    where = f"{run.directory / LOG_NAME} says" if said else f"the end of {run.directory / LOG_NAME}"
+    return f"{where}:\n" + "\n".join(said[-lines:] or text[-lines:])
 
 
 def outcome_line(run: Run, scale: Scale, status: int, seconds: float) -> str:
@@ -91,16 +96,16 @@ def outcome_line(run: Run, scale: Scale, status: int, seconds: float) -> str:
     if (run.directory / Diverged.RECORD_FILE).exists():  # a result, not a failure: the table shows it
         return "diverged (NaN/inf gradients)"
     if status != 0:
-        raise UserError(f"study: run {run.name} failed (exit {status}) after {seconds:.0f} s; the end of "
-                        f"{run.directory / LOG_NAME}:\n{log_tail(run)}\nGive the same command again to "
-                        "resume the study")
+        raise UserError(f"study: run {run.name} failed (exit {status}) after {seconds:.0f} s; {why_it_failed(run)}"
+                        "\nGive the same command again to resume the study")
     last = read_metrics(run.directory)[-1]
     return f"val top-1 error {100 - last['val_top1']:.2f}% after epoch {last['epoch']}"
 
 
 def run_all(runs: list[Run], scale: Scale, data: Path, parallel: int = 0) -> None:
     """Every run not yet finished, the smallest kn (the longest runs) first, up to `parallel` side by side on
-    CPUs of their own; a progress bar over runs and one line per finished run."""
+    CPUs of their own; a progress bar over runs and a line as each starts and ends. A failed run stops the study
+    (no other starts; those under way finish) with its log's reason."""
     check_data(data)
     todo = sorted((run for run in runs if not finished(run, scale.epochs)), key=lambda r: r.setting.factor)
     if len(todo) < len(runs):
@@ -112,13 +117,24 @@ def run_all(runs: list[Run], scale: Scale, data: Path, parallel: int = 0) -> Non
     print(f"study: {len(sets)} run(s) at a time, {scale.ranks} rank(s) each; each run's log: "
           f"{runs[0].directory.parent}/<run>/{LOG_NAME}", flush=True)
 
-    def one(run: Run) -> tuple[Run, int, float]:
+    failed = threading.Event()  # a run failed: start no other (the study stops once the runs under way end)
+
+    def one(run: Run) -> None:
+        """The run on CPUs of its own, its start and end lines said before the CPUs go to the next run."""
         cpus = free.get()
         try:
+            if failed.is_set():
+                return
             where = f" on CPU(s) {','.join(map(str, cpus))}" if cpus else ""
             tqdm.write(f"study: {run.name} ({run.setting.label(scale)}) started{where}", file=sys.stdout)
             start = time.perf_counter()
-            return run, launch(run, scale, data, cpus), time.perf_counter() - start
+            status = launch(run, scale, data, cpus)
+            seconds = time.perf_counter() - start
+            tqdm.write(f"study: {run.name} ({run.setting.label(scale)}): "
+                       f"{outcome_line(run, scale, status, seconds)}, {seconds:.0f} s", file=sys.stdout)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             free.put(cpus)
 
@@ -127,10 +143,7 @@ def run_all(runs: list[Run], scale: Scale, data: Path, parallel: int = 0) -> Non
         futures = [pool.submit(one, run) for run in todo]
         try:
             for future in as_completed(futures):
-                run, status, seconds = future.result()
-                outcome = outcome_line(run, scale, status, seconds)
-                tqdm.write(f"study: {run.name} ({run.setting.label(scale)}): {outcome}, {seconds:.0f} s",
-                           file=sys.stdout)
+                future.result()  # a failed run's UserError, raised here
                 bar.update()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # runs under way finish; a resume skips them
