@@ -179,6 +179,7 @@ def check_resize(path: Path, saved: dict, now: dict, allow_resize: bool, log) ->
               f"its peak lr is {now['peak_lr']:.4g}, and an epoch is {now['steps_per_epoch']} steps (BN "
               f"statistics stay per worker, over n={now['batch_size']})")
     if not allow_resize:
-        raise UserError(f"--resume: {change}; pass --allow-resize to continue on this world size")
+        raise UserError(f"--resume: {change}; pass --allow-resize to continue at this world size and global "
+                        "batch")
     log.warning("--allow-resize: %s", change)
     return True

@@ -317,8 +317,9 @@ def test_corrupt_checkpoint_ends_resume_in_one_line(tiny_data, tmp_path):
 
 
 def test_resume_on_another_world_size(tiny_data, tmp_path):
-    """2 ranks for epoch 1, then 1 rank: refused with what the linear scaling rule changes; with
-    --allow-resize it trains on, at half the lr. --keep-checkpoints 1 leaves only the newest."""
+    """2 ranks for epoch 1, then 1 rank (or 2 ranks with twice the virtual workers per pass): refused with what
+    the linear scaling rule changes; with --allow-resize it trains on, at half the lr. --keep-checkpoints 1
+    leaves only the newest."""
     output = tmp_path / "run"
     train = ["--data", tiny_data, "--output", output, "--loader", "torchvision", "--keep-checkpoints", "1",
              *TINY_TRAIN]
@@ -329,6 +330,12 @@ def test_resume_on_another_world_size(tiny_data, tmp_path):
            "and kn=4, so by the linear scaling rule (Sec. 2.1) its peak lr is 0.001563, and an epoch is 12 steps" \
            in refused.stderr, refused.stderr[-2000:]
     assert "--allow-resize" in refused.stderr
+    # The same 2 ranks with 2 virtual workers per pass: another global batch, refused the same way
+    doubled = run_horovod("--epochs", "2", "--resume", "--virtual-workers-per-pass", "2", *train, check=False)
+    assert doubled.returncode != 0
+    assert "was written by 2 ranks at global batch kn=8 (peak lr 0.003125, 6 steps/epoch); this run has 2 ranks " \
+           "and kn=16, so by the linear scaling rule (Sec. 2.1) its peak lr is 0.00625, and an epoch is 3 steps" \
+           in doubled.stderr, doubled.stderr[-2000:]
 
     run_horovod("--epochs", "2", "--resume", "--allow-resize", *train, np=1)
     records = read_jsonl(output / "metrics.jsonl")
