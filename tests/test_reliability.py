@@ -216,15 +216,16 @@ def test_a_stopped_rank_ends_the_job_within_the_hang_timeout(tiny_data, tmp_path
 
 
 def test_an_evaluation_longer_than_the_hang_timeout_does_not_stop_the_run(tmp_path_factory, tmp_path):
-    """--hang-timeout T counts silence, not slowness: an evaluation about twice T (1,200 val images for
-    ResNet-50 at 64 px) makes progress with every batch. One rank: with two, the rank that finishes its shard
+    """--hang-timeout T counts silence, not slowness: an evaluation longer than T (1,200 val images for
+    ResNet-50 at 128 px: 17 s here against T = 10 s; at 64 px it was 9 s in one CI run, too short to test
+    anything) makes progress with every batch. One rank: with two, the rank that finishes its shard
     first waits for the other in the final reduction, and that wait is silence (once 15 s of 34 s evaluations
     in a full test run here: docs/reliability.md)."""
     data = tmp_path_factory.mktemp("bigval") / "data"
     make_dataset(data, classes=4, train_per_class=12, val_per_class=300, seed=1, workers=2)
     timeout = 10  # s: twice the start-up here
     job = Job(tmp_path, ["-np", "1", "-H", "localhost:1", "--gloo"], data, "--epochs", "1", "--hang-timeout",
-              str(timeout), *TINY_TRAIN, "--arch", "resnet50", "--image-size", "64", "--val-resize", "72")
+              str(timeout), *TINY_TRAIN, "--arch", "resnet50", "--image-size", "128", "--val-resize", "144")
     assert job.wait(timeout=240) == 0, job.text()[-3000:]
     assert "no progress for" not in job.text()
     records = read_jsonl(job.output / "metrics.jsonl")
