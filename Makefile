@@ -1,11 +1,12 @@
 # The README's two commands: `make demo` and `make test`. Both run `make setup` first (idempotent).
 # `make gpu-check`: on a GPU machine, its own set-up, the GPU tests and benchmarks (docs/gpu-check.md).
+# `make image`: the container image from docker/Dockerfile (docker/README.md).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO ?= demo-run
 
-.PHONY: setup demo test gpu-check clean
+.PHONY: setup demo test gpu-check gpu-quick image image-check clean
 setup: $(VENV)/.setup-done
 
 $(VENV)/.setup-done: setup.py scripts/setup_env.sh scripts/build_horovod.sh scripts/versions.env scripts/*.patch
@@ -29,9 +30,22 @@ demo: setup
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests
 
-# Offline, with the bundle of `scripts/gpu_check.sh bundle` in .gpu-check/; results in benchmarks/results/.
+# On a GPU machine, offline, with what `scripts/gpu_check.sh wheel` (and `bundle`) made in .gpu-check/.
+# gpu-quick: the short rental's one command (at most 8 min; docs/gpu-check.md); gpu-check: the long way.
+gpu-quick:
+	bash scripts/gpu_check.sh quick
+
 gpu-check:
 	bash scripts/gpu_check.sh all
+
+# With a Docker engine, `docker build`; without one, buildah (as root). IMAGE_BASE picks the base image (default
+# ubuntu:24.04); `bash scripts/image.sh base` makes a Debian one from Debian's archive where no registry is
+# reachable: make image IMAGE_BASE=localhost/hvd-imagenet-base:bookworm. image-check runs it (no GPU needed).
+image:
+	IMAGE_BASE="$(IMAGE_BASE)" bash scripts/image.sh build
+
+image-check:
+	bash scripts/image.sh check
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

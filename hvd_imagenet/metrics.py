@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 
-from . import comm
-
 
 class EpochSums:
     """[loss_sum, top1_correct, top5_correct, count] of one epoch: this rank's since the last fold, on the
@@ -40,6 +38,8 @@ class EpochSums:
 
     def fold(self, name: str) -> tuple[float, ...]:
         """Add every rank's sums since the last fold to `carried` (a collective: every rank must call it)."""
+        from . import comm  # here, not at the top: the step unit (step.py) imports this module without Horovod
+
         reduced = comm.allreduce_sum(self.local.cpu(), name=name).tolist()  # sync point
         self.carried = tuple(a + b for a, b in zip(self.carried, reduced))
         self.local.zero_()

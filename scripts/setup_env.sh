@@ -38,12 +38,19 @@ if { ! command -v ip >/dev/null || ! command -v tc >/dev/null; } && [ "$(id -u)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
 fi
 
+# buildah and mmdebstrap to build the container image without a Docker engine (tests/test_image.py, make image).
+if { ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null; } && [ "$(id -u)" -eq 0 ]; then
+  echo "setup: installing buildah and mmdebstrap for the image test (apt-get)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah mmdebstrap >/dev/null
+fi
+
 [ -x "$py" ] || { echo "setup: creating $venv"; python3 -m venv "$venv"; }
 pip() { "$py" -m pip --disable-pip-version-check "$@"; }
 pip install --quiet --upgrade pip setuptools wheel
 echo "setup: torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION, mpi4py, DALI (already installed ones are kept)"
 pip install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
-  "mpi4py==$MPI4PY_VERSION" "$DALI_PACKAGE==$DALI_VERSION" cmake
+  "mpi4py==$MPI4PY_VERSION" "$DALI_PACKAGE==$DALI_VERSION" "cmake==$CMAKE_VERSION"
 bash "$root/scripts/build_horovod.sh" "$py"
 pip install --quiet -e "$root[dev]"
 "$venv/bin/horovodrun" --check-build

@@ -201,7 +201,7 @@ def test_bench_allreduce_on_a_shaped_link(controller):
 
 
 def test_bench_train_json():
-    result = run_cli("bench-train", "--arch", "cifar_resnet8", "--image-size", "16", "--batch-size", "8",
+    result = run_cli("bench-train", "--arch", "cifar_resnet8", "--image-size", "16", "--batch-size", "8", "--phases",
                      "--np", "1,2", "--backend", "horovod,ddp", "--compression", "none,powersgd", "--steps", "2",
                      "--warmup", "2", "--repeats", "1", "--json", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -218,6 +218,29 @@ def test_bench_train_json():
         two["images_per_sec_per_worker"] / rows["horovod", "none", 1]["images_per_sec_per_worker"])
     assert two["step_vs_ddp"] == pytest.approx(two["step_seconds"] / rows["ddp", "none", 2]["step_seconds"])
     assert rows["ddp", "none", 2]["phases"]["allreduce_wait"] == 0  # DDP waits inside backward
+
+
+def test_bench_train_alone_needs_no_horovod_and_times_steps_back_to_back():
+    """--backend none: training's step unit with plain SGD in this process, what a GPU machine times before
+    Horovod is installed there (scripts/gpu_check.sh quick), so it must run with Horovod unimportable. Without
+    --phases the timed steps run back to back (on a GPU between two CUDA events, one sync at the end): no
+    per-phase times, and the host syncs counted are the step's own."""
+    code = "import sys; sys.modules['horovod'] = None\nfrom hvd_imagenet.cli import main\nsys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([str(BIN / "python"), "-c", code, "bench-train", "--backend", "none", "--np", "1",
+                           "--arch", "cifar_resnet8", "--image-size", "16", "--batch-size", "8", "--precision",
+                           "fp32,amp-bf16", "--layout", "nchw,nhwc", "--steps", "3", "--warmup", "1", "--repeats",
+                           "1", "--count-syncs", "2", "--json"], capture_output=True, text=True, env=cli_env(),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert {(r["precision"], r["layout"]) for r in report["rows"]} == {
+        (p, layout) for p in ("fp32", "amp-bf16") for layout in ("nchw", "nhwc")}
+    for run in report["runs"]:
+        assert (run["backend"], run["ranks"], run["timing"], run["phases"]) == ("none", 1, "wall clock", None)
+        assert run["images_per_sec_per_worker"] == pytest.approx(8 / run["step_seconds"])
+        assert run["host_syncs"]["per_step"] == run["host_syncs"]["budget_per_step"] == 1  # the finite check
+    refused = run_cli("bench-train", "--backend", "none", "--np", "2", "--steps", "1")
+    assert refused.returncode == 2 and "--backend none is one worker" in refused.stderr
 
 
 def test_scaling_model_hand_checked():

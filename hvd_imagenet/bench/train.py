@@ -1,7 +1,12 @@
-"""`hvd-imagenet bench-train`: training steps timed phase by phase, under Horovod or PyTorch DDP.
+"""`hvd-imagenet bench-train`: training steps timed, under Horovod, PyTorch DDP, or alone (no communication).
 
 The step timed is training's own (step.TrainStep: lr, forward and loss under autocast, backward,
-synchronize, unscale, clipping, the finite check, the step), with a clock at each phase boundary:
+synchronize, unscale, clipping, the finite check, the step). `--backend none` runs it in this process on one
+device with plain SGD and no communication at all (no Horovod needed: a GPU machine's first check).
+
+By default the timed steps run back to back as in training: on a GPU, a CUDA event before the first and after
+the last, one device sync at the end; step time = elapsed / steps. With --phases, a clock at each phase
+boundary instead (each one synchronizes the device, so the steps run slower than training's):
   data            the next batch from the loader (0 for synthetic data: one fixed batch on the device)
   forward         forward pass and loss (autocast under --precision)
   backward        backprop. Horovod's hooks start each gradient's allreduce here, in the background; DDP's
@@ -9,9 +14,8 @@ synchronize, unscale, clipping, the finite check, the step), with a clock at eac
   allreduce_wait  optimizer.synchronize(): Horovod only, the wait for allreduces that backprop did not hide
                   (PowerSGD: all of its compression and its allreduces, which start after backprop)
   optimizer       unscale, the finite check (or GradScaler's) and the SGD step
-On each rank: `warmup` untimed steps, then `steps` timed ones. On a GPU each boundary synchronizes the device
-(a small cost, the same for both backends). Rank 0 reports the median of each phase; img/s per worker (per
-rank) is V x n x batches-per-allreduce / median step time. With --count-syncs N, N more steps run without the clock and
+On each rank: `warmup` untimed steps, then `steps` timed ones. Rank 0 reports the step time (with --phases the
+median of each phase); img/s per worker (per rank) is V x n x batches-per-allreduce / step time. With --count-syncs N, N more steps run without the clock and
 count the step's host synchronizations by call site (host_sync.py: CUDA's sync debug mode on a GPU, the
 syncing torch operations elsewhere), against the budget of one per step.
 """
@@ -22,6 +26,7 @@ import dataclasses
 import itertools
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +46,7 @@ from ..step import PHASES, PhaseClock, TrainStep
 from . import launch
 from .launch import LaunchOptions, launcher_rank_and_size
 
-BACKENDS = ("horovod", "ddp")
+BACKENDS = ("horovod", "ddp", "none")  # none: one process, no communication (np 1 only)
 LAYOUTS = ("nchw", "nhwc")  # nhwc: train --channels-last (weights and batches in channels_last)
 CASE = ("backend", "compression", "precision", "layout")  # what a row is, beside its ranks
 
@@ -72,6 +77,8 @@ class TrainBenchOptions:
     steps: int = opt("timed steps per run", 10, min=1)
     warmup: int = opt("untimed steps first (>= 2 for DDP's PowerSGD)", 3, min=0)
     repeats: int = opt("runs per case (as a command); medians shown", 3, min=1)
+    phases: bool = opt("time each phase of every step (a device sync at each boundary: slower than training)",
+                       False)
     count_syncs: int = opt("after the timed steps, this many more that count the step's host syncs (0: none)", 0,
                            min=0)
     threads: int = opt("CPU threads per worker (0: cores / the largest --np, the same at every --np)", 0, min=0)
@@ -92,8 +99,11 @@ class TrainBenchOptions:
 
 def start_ranks(backend: str, config: TrainConfig, threads: int) -> DistContext:
     """Horovod (hvd.init) or torch.distributed (gloo on the CPU, NCCL on GPUs; rank and size from the
-    launcher, MASTER_ADDR/MASTER_PORT from the environment), and this rank's share of the cores."""
-    if backend == "horovod":
+    launcher, MASTER_ADDR/MASTER_PORT from the environment), or none (this process alone, the first device),
+    and this rank's share of the cores."""
+    if backend == "none":
+        ctx = DistContext(0, 0, 1, 1, rank_device(0))
+    elif backend == "horovod":
         from .. import comm
 
         ctx = comm.init(config.fusion_threshold_mb, config.cycle_time_ms, config.hierarchical_allreduce)
@@ -110,9 +120,9 @@ def start_ranks(backend: str, config: TrainConfig, threads: int) -> DistContext:
     return ctx
 
 
-class DDPOptimizer(torch.optim.SGD):
-    """SGD with Horovod's DistributedOptimizer interface, for TrainStep under DDP: DDP's reducer averaged the
-    gradients inside backward, so there is nothing to synchronize."""
+class LocalOptimizer(torch.optim.SGD):
+    """SGD with Horovod's DistributedOptimizer interface, for TrainStep under DDP (DDP's reducer averaged the
+    gradients inside backward) and alone (one worker): there is nothing to synchronize."""
 
     def synchronize(self) -> None:
         pass
@@ -124,7 +134,8 @@ class DDPOptimizer(torch.optim.SGD):
 
 def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes: int, clock: PhaseClock):
     """The training step under one backend: training's own model, optimizer and scaler (Horovod), or DDP with
-    the comm hook that matches --compression (compression.COMPRESSIONS) and plain SGD."""
+    the comm hook that matches --compression (compression.COMPRESSIONS) and plain SGD, or the model alone with
+    plain SGD (none)."""
     if backend == "horovod":
         from .. import comm
         from ..train import build_step as training_step, build_training
@@ -136,10 +147,11 @@ def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes:
     model = model.to(ctx.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
-                                                      else None)
-    COMPRESSIONS[config.compression].register_ddp_hook(model, config.powersgd_rank)
-    optimizer = DDPOptimizer(parameter_groups(model, config.weight_decay, config.bn_weight_decay), lr=0.0,
+    if backend == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        COMPRESSIONS[config.compression].register_ddp_hook(model, config.powersgd_rank)
+    optimizer = LocalOptimizer(parameter_groups(model, config.weight_decay, config.bn_weight_decay), lr=0.0,
                              momentum=config.momentum, nesterov=config.nesterov)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
     return TrainStep(model, optimizer, scaler, autocast(config.precision, ctx.device), config.batches_per_allreduce,
@@ -164,38 +176,71 @@ def count_step_syncs(step: TrainStep, batches, steps: int, device: torch.device)
     return host_sync.report(log, steps)
 
 
+def time_steps(step: TrainStep, batches, steps: int, device: torch.device) -> float:
+    """Seconds of `steps` steps run back to back, as training runs them: on a GPU between two CUDA events, with
+    one device sync after the last step; elsewhere by the wall clock."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(batches, lr=0.01)
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        step(batches, lr=0.01)
+    end.record()
+    end.synchronize()  # host sync: the measurement's one, after the last timed step
+    return begin.elapsed_time(end) / 1000
+
+
+def time_phases(step: TrainStep, batches, steps: int, clock: PhaseClock) -> dict[str, list[float]]:
+    """Seconds of each phase of each of `steps` steps (--phases)."""
+    step.on_phase = clock
+    timings = {phase: [] for phase in PHASES}
+    for _ in range(steps):
+        clock.start()
+        step(batches, lr=0.01)
+        for phase, seconds in clock.seconds.items():
+            timings[phase].append(seconds)
+    step.on_phase = None
+    return timings
+
+
 def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, threads: int,
-                count_syncs: int = 0) -> dict | None:
+                count_syncs: int = 0, phases: bool = False) -> dict | None:
     """Run on every rank; rank 0 returns the report (the others None)."""
     ctx = start_ranks(backend, config, threads)
     loaders = build_loaders(config, ctx)
-    clock = PhaseClock(ctx.device, absent=("allreduce_wait",) if backend == "ddp" else ())
+    clock = PhaseClock(ctx.device, absent=("allreduce_wait",) if backend != "horovod" else ())
     step = build_step(backend, config, ctx, loaders.num_classes, clock)
+    step.on_phase = None
     step.model.train()
     batches = endless(loaders)
-    timings = {phase: [] for phase in PHASES}
-    for index in range(warmup + steps):
-        clock.start()
+    for _ in range(warmup):
         step(batches, lr=0.01)
-        if index >= warmup:
-            for phase, seconds in clock.seconds.items():
-                timings[phase].append(seconds)
+    if phases:
+        timings = time_phases(step, batches, steps, clock)
+        step_times = [sum(parts) for parts in zip(*timings.values())]
+    else:
+        timings, step_times = None, [time_steps(step, batches, steps, ctx.device) / steps]
     syncs = count_step_syncs(step, batches, count_syncs, ctx.device) if count_syncs else None
     if backend == "horovod":
         from .. import comm
 
         comm.shutdown()
-    else:  # no rank closes its connections while another still uses them
+    elif backend == "ddp":  # no rank closes its connections while another still uses them
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if not ctx.is_primary:
         return None
-    return {**report(backend, config, ctx, loaders.description, timings, steps, warmup), "host_syncs": syncs}
+    return {**report(backend, config, ctx, loaders.description, timings, step_times, steps, warmup),
+            "host_syncs": syncs}
 
 
-def report(backend: str, config: TrainConfig, ctx: DistContext, input_description: str, timings: dict,
-           steps: int, warmup: int) -> dict:
-    step_times = [sum(parts) for parts in zip(*timings.values())]
+def report(backend: str, config: TrainConfig, ctx: DistContext, input_description: str, timings: dict | None,
+           step_times: list[float], steps: int, warmup: int) -> dict:
+    """timings: seconds per phase per step (--phases), else None; step_times: one per step (--phases), else
+    the mean over the back-to-back steps."""
     step = statistics.median(step_times)
     images = config.pass_batch * config.batches_per_allreduce  # per rank per step
     return {
@@ -206,7 +251,8 @@ def report(backend: str, config: TrainConfig, ctx: DistContext, input_descriptio
         "image_size": config.image_size, "loader": config.loader, "input": input_description,
         "precision": config.precision, "layout": LAYOUTS[config.channels_last], "compression": config.compression,
         "steps": steps, "warmup": warmup, "step_seconds": step,
-        "phases": {p: statistics.median(v) for p, v in timings.items()},
+        "timing": "phases" if timings else "events" if ctx.device.type == "cuda" else "wall clock",
+        "phases": {p: statistics.median(v) for p, v in timings.items()} if timings else None,
         "images_per_sec_per_worker": images / step, "images_per_sec": ctx.size * images / step,
         "runs_step_seconds": step_times,
     }
@@ -214,12 +260,14 @@ def report(backend: str, config: TrainConfig, ctx: DistContext, input_descriptio
 
 def run(options: TrainBenchOptions) -> None:
     if launch.under_launcher():  # one of the ranks: one case
+        if options.backend == ("none",):
+            raise UserError("--backend none runs alone, in this process: run it as a command, not under a launcher")
         if any(len(getattr(options, name)) > 1 for name in CASE) or options.launch.link != "loopback":
             raise UserError("under a launcher, bench-train measures one --backend, --compression, --precision and "
                             "--layout on the launcher's ranks (no --link); as a command it runs each combination "
                             "itself")
         result = bench_train(options.backend[0], options.train_config(), options.steps, options.warmup,
-                             options.threads, options.count_syncs)
+                             options.threads, options.count_syncs, options.phases)
         if result:
             launch.emit({"runs": [result], "rows": summarize([result]), "repeats": 1}, options.launch,
                         format_report)
@@ -235,6 +283,11 @@ def drive(options: TrainBenchOptions) -> dict:
     threads = options.threads or max(1, available_cpus() // max(options.np))  # the same at every --np
     cases = [dict(zip(("np", *CASE), values)) for values in itertools.product(
         options.np, *(getattr(options, name) for name in CASE))]
+    alone = [c for c in cases if c["backend"] == "none"]
+    if alone and (min(options.np) != 1 or any(c["compression"] != "none" for c in alone)):
+        raise UserError("--backend none is one worker with nothing to communicate: it runs at --np 1 with "
+                        "--compression none (other backends take the other values)")
+    cases = [c for c in cases if c["backend"] != "none" or c["np"] == 1]
     runs = []
     with launch.shaped_namespace(options.launch.link) as prefix:
         link = launch.link_record(options.launch.link, prefix)
@@ -244,6 +297,11 @@ def drive(options: TrainBenchOptions) -> dict:
                     np = values["np"]
                     case = dataclasses.replace(options, **{k: (v,) for k, v in values.items()}, threads=threads,
                                                repeats=1)
+                    if values["backend"] == "none":  # in this process: no launcher, no Horovod
+                        runs.append(bench_train("none", case.train_config(), case.steps, case.warmup, threads,
+                                                case.count_syncs, case.phases))
+                        progress.update()
+                        continue
                     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(launch.free_port())}
                     report = launch.run_ranks(prefix, np, options.launch.controller,
                                               launch.forward("bench-train", case), env)
@@ -264,7 +322,8 @@ def summarize(runs: list[dict]) -> list[dict]:
     for group in groups.values():
         rows.append({**{k: group[0][k] for k in (*CASE, "ranks", "threads_per_rank")},
                      "step_seconds": statistics.median(r["step_seconds"] for r in group),
-                     "phases": {p: statistics.median(r["phases"][p] for r in group) for p in PHASES},
+                     "phases": {p: statistics.median(r["phases"][p] for r in group) for p in PHASES}
+                     if group[0]["phases"] else None,
                      "images_per_sec_per_worker": statistics.median(r["images_per_sec_per_worker"] for r in group),
                      "repeats_step_seconds": [r["step_seconds"] for r in group],
                      "host_syncs": group[0]["host_syncs"]})  # a count, the same in every repeat
@@ -299,14 +358,15 @@ def format_report(report: dict) -> str:
              + " ".join(f"{p[:9]:>9}" for p in PHASES) + f" {'img/s/wkr':>9} {'weak scl':>8} {'vs ddp':>7} "
              f"{'vs none':>7}"]
     for r in report["rows"]:
-        phases = " ".join(f"{1000 * r['phases'][p]:>9.1f}" for p in PHASES)
+        phases = " ".join(f"{1000 * r['phases'][p]:>9.1f}" if r["phases"] else f"{'-':>9}" for p in PHASES)
         vs_ddp = f"{r['step_vs_ddp']:.2f}x" if "step_vs_ddp" in r else "-"
         vs_none = f"{r['step_vs_none']:.2f}x" if "step_vs_none" in r else "-"
         lines.append(f"{r['backend']:<8} {r['compression']:<9} {r['precision']:<9} {r['layout']:<6} {r['ranks']:>5} "
                      f"{1000 * r['step_seconds']:>7.1f} {phases} {r['images_per_sec_per_worker']:>9.1f} "
                      f"{100 * r['weak_scaling_efficiency']:>7.1f}% {vs_ddp:>7} {vs_none:>7}")
     lines.append("weak scl: img/s per worker vs the same case at the fewest ranks; vs ddp / vs none: step time "
-                 "ratio (< 1: faster)")
+                 "ratio (< 1: faster); step: " + ("per phase, a device sync at each boundary (--phases)"
+                                                  if first["phases"] else f"{first['timing']}, steps back to back"))
     for r in report["rows"]:
         if r["host_syncs"]:
             case = " ".join(str(r[k]) for k in (*CASE, "ranks"))
@@ -323,6 +383,6 @@ def format_syncs(case: str, syncs: dict) -> str:
 
 
 COMMAND = Command(TrainBenchOptions, run, description=(
-    "Times training steps of the same model and data under Horovod and under PyTorch DDP (gloo on the CPU, NCCL "
-    "on GPUs), at each --np, for each --compression, --precision and --layout; weak-scaling efficiency is img/s "
+    "Times training steps of the same model and data under Horovod, under PyTorch DDP (gloo on the CPU, NCCL "
+    "on GPUs) and alone (--backend none: no communication, no Horovod), at each --np, for each --compression, --precision and --layout; weak-scaling efficiency is img/s "
     "per worker against the fewest ranks. " + launch.AS_COMMAND_OR_RANK))
