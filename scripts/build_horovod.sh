@@ -80,7 +80,8 @@ key=$( { cat "$patch_file"; echo "$recipe $HOROVOD_VERSION $torch_version $py_ta
 cache="${HVD_IMAGENET_CACHE:-$HOME/.cache/hvd_imagenet}/horovod-wheels/$key"
 
 leave_copy() {  # HOROVOD_WHEEL_OUT: a copy of the wheel for another machine (scripts/gpu_check.sh wheel)
-  if [ -n "${HOROVOD_WHEEL_OUT:-}" ]; then mkdir -p "$HOROVOD_WHEEL_OUT" && cp "$cache"/horovod-*.whl "$HOROVOD_WHEEL_OUT/"; fi
+  [ -z "${HOROVOD_WHEEL_OUT:-}" ] ||
+    { mkdir -p "$HOROVOD_WHEEL_OUT" && cp "$cache"/horovod-*.whl "$HOROVOD_WHEEL_OUT/"; }
 }
 
 marker="$("$py" -c 'import sys; print(sys.prefix)')/horovod-build-key"

@@ -61,7 +61,8 @@ make_replica() {  # the GPU machine's Python packages (no Horovod, DALI or Open 
   local dir=${1:-$cache/gpu-replica} python
   python=$(ls "$HOME"/.pyenv/versions/"$GPU_MACHINE_PYTHON".*/bin/python3 2>/dev/null | tail -n 1 ||
            command -v "python$GPU_MACHINE_PYTHON" || true)
-  [ -x "$python" ] || fail "no Python $GPU_MACHINE_PYTHON here (pyenv install $GPU_MACHINE_PYTHON, or put python$GPU_MACHINE_PYTHON on the PATH)"
+  [ -x "$python" ] ||
+    fail "no Python $GPU_MACHINE_PYTHON here (pyenv install $GPU_MACHINE_PYTHON; or python$GPU_MACHINE_PYTHON on PATH)"
   if cmp -s "$root/scripts/gpu-machine.env" "$dir/gpu-machine.env"; then
     say "replica $dir already there"; return 0
   fi
@@ -77,7 +78,8 @@ make_replica() {  # the GPU machine's Python packages (no Horovod, DALI or Open 
 
 build_wheel() {  # Horovod for the GPU machine: its torch and Python, NCCL, compute capability 9.0, no MPI
   local base=${GPU_CHECK_BUILD_PYTHON:-$cache/gpu-replica/bin/python} build=$cache/gpu-wheel-build cuda record
-  [ -x "$base" ] || fail "no $base: make the replica first (scripts/gpu_check.sh replica), or set GPU_CHECK_BUILD_PYTHON"
+  [ -x "$base" ] ||
+    fail "no $base: make the replica first (scripts/gpu_check.sh replica), or set GPU_CHECK_BUILD_PYTHON"
   venv_over "$base" "$build"  # Horovod gets installed there, not into the replica, which stays as the machine is
   cuda="$cache/cuda-$CUDA_NVCC_VERSION"
   [ -x "$cuda/bin/nvcc" ] || bash "$root/scripts/cuda_toolkit_from_pip.sh" "$cuda" "$base"
@@ -91,7 +93,8 @@ print(f"TORCH={torch.__version__}\nPY_TAG=cp{sys.version_info[0]}{sys.version_in
 print("CUDA_CC=$GPU_MACHINE_CC\nNCCL=%s" % ".".join(map(str, torch.cuda.nccl.version())))
 EOF
   say "wheel for the GPU machine in $bundle:"
-  (cd "$bundle" && stat -c '%s %n' -- horovod-*.whl horovod-wheel.env | awk '{ printf "%8.2f MiB  %s\n", $1 / 1048576, $2 }')
+  (cd "$bundle" && stat -c '%s %n' -- horovod-*.whl horovod-wheel.env |
+                     awk '{ printf "%8.2f MiB  %s\n", $1 / 1048576, $2 }')
   sed 's/^/  /' "$record"
 }
 
@@ -118,7 +121,8 @@ make_bundle() {  # DALI with its wheels, and Horovod's sdist (for a machine whos
 probe() {  # what the machine has, in ~10 s
   {
     echo "date: $(date -u +%FT%TZ)  host: $(uname -srm)  cores: $(nproc)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 ||
+      echo "no nvidia-smi"
     "$py" - <<'EOF'
 import importlib, sys, sysconfig, os
 print("python:", sys.executable, sys.version.split()[0], "headers:",
@@ -137,7 +141,9 @@ for name in ("torchvision", "numpy", "PIL", "scipy", "tensorboard", "tqdm", "yam
         print(f"  import {name}: no ({type(error).__name__})")
 EOF
     for tool in cmake gcc g++ nvcc mpicc; do
-      printf '%s: %s\n' "$tool" "$({ command -v "$tool" >/dev/null && "$tool" --version 2>&1 | grep -m1 -iE 'version|release|gcc|[0-9]+\.[0-9]+'; } || echo none)"
+      printf '%s: %s\n' "$tool" "$({ command -v "$tool" >/dev/null &&
+                                     "$tool" --version 2>&1 | grep -m1 -iE 'version|release|[0-9]+\.[0-9]+'; } ||
+                                   echo none)"
     done
     echo "disk free: $(df -h --output=avail "$root" | tail -n 1 | tr -d ' ')"
   } | tee "$results/probe.txt"
@@ -248,7 +254,8 @@ run_step() {  # run_step NAME CAP SUBCOMMAND: this script's SUBCOMMAND under `ti
   output=$(mktemp)
   begin=$(date +%s)
   set +e
-  GPU_CHECK_RESULTS="$results" timeout --kill-after=10 "$cap" bash "$0" "$3" 2>&1 | tee -a "$results/gpu-check.log" "$output"
+  GPU_CHECK_RESULTS="$results" timeout --kill-after=10 "$cap" bash "$0" "$3" 2>&1 |
+    tee -a "$results/gpu-check.log" "$output"
   status=${PIPESTATUS[0]}
   set -e
   note=$(grep -v '^\s*$' "$output" | tail -n 1 | tr '\t' ' ' | cut -c1-200)

@@ -79,8 +79,9 @@ build() {
   else
     mkdir -p "$cache/root-cache"
     # shellcheck disable=SC2046  # one word per mount
-    buildah bud --isolation chroot --layers=false -v "$cache/root-cache:/root/.cache" $(pip_setup_mounts) \
-      "${args[@]}" "$root"
+    # --format docker: the Dockerfile's SHELL (bash with pipefail) holds as under Docker; OCI images drop it.
+    buildah bud --format docker --isolation chroot --layers=false -v "$cache/root-cache:/root/.cache" \
+      $(pip_setup_mounts) "${args[@]}" "$root"
     buildah rmi --prune >/dev/null 2>&1 || true  # the image this tag named before, now untagged (7 GB)
   fi
   say "built $tag ($(elapsed "$start")), $(size)"

@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.image, pytest.mark.skipif(
 
 
 def image_step(*args, timeout: int) -> str:
-    env = {**cli_env(), "IMAGE_BASE": "localhost/hvd-imagenet-base:bookworm", "IMAGE_TAG": "localhost/hvd-imagenet:test"}
+    env = {**cli_env(), "IMAGE_BASE": "localhost/hvd-imagenet-base:bookworm",
+           "IMAGE_TAG": "localhost/hvd-imagenet:test"}
     done = subprocess.run(["bash", str(IMAGE), *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, f"scripts/image.sh {' '.join(args)}:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
     return done.stdout + done.stderr

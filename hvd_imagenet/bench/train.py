@@ -15,9 +15,10 @@ boundary instead (each one synchronizes the device, so the steps run slower than
                   (PowerSGD: all of its compression and its allreduces, which start after backprop)
   optimizer       unscale, the finite check (or GradScaler's) and the SGD step
 On each rank: `warmup` untimed steps, then `steps` timed ones. Rank 0 reports the step time (with --phases the
-median of each phase); img/s per worker (per rank) is V x n x batches-per-allreduce / step time. With --count-syncs N, N more steps run without the clock and
-count the step's host synchronizations by call site (host_sync.py: CUDA's sync debug mode on a GPU, the
-syncing torch operations elsewhere), against the budget of one per step.
+median of each phase); img/s per worker (per rank) is V x n x batches-per-allreduce / step time. With
+--count-syncs N, N more steps run without the clock and count the step's host synchronizations by call site
+(host_sync.py: CUDA's sync debug mode on a GPU, the syncing torch operations elsewhere), against the budget of
+one per step.
 """
 from __future__ import annotations
 
@@ -384,5 +385,6 @@ def format_syncs(case: str, syncs: dict) -> str:
 
 COMMAND = Command(TrainBenchOptions, run, description=(
     "Times training steps of the same model and data under Horovod, under PyTorch DDP (gloo on the CPU, NCCL "
-    "on GPUs) and alone (--backend none: no communication, no Horovod), at each --np, for each --compression, --precision and --layout; weak-scaling efficiency is img/s "
-    "per worker against the fewest ranks. " + launch.AS_COMMAND_OR_RANK))
+    "on GPUs) and alone (--backend none: no communication, no Horovod), at each --np, for each --compression, "
+    "--precision and --layout; weak-scaling efficiency is img/s per worker against the fewest ranks. "
+    + launch.AS_COMMAND_OR_RANK))
