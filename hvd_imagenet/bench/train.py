@@ -133,7 +133,7 @@ class LocalOptimizer(torch.optim.SGD):
         yield
 
 
-def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes: int, clock: PhaseClock):
+def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes: int) -> TrainStep:
     """The training step under one backend: training's own model, optimizer and scaler (Horovod), or DDP with
     the comm hook that matches --compression (compression.COMPRESSIONS) and plain SGD, or the model alone with
     plain SGD (none)."""
@@ -143,7 +143,7 @@ def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes:
 
         model, optimizer, scaler = build_training(config, num_classes, ctx.device)
         comm.broadcast_state(model, optimizer, resumed=False)
-        return training_step(config, model, optimizer, scaler, ctx.device, on_phase=clock)
+        return training_step(config, model, optimizer, scaler, ctx.device)
     model = build_model(config.arch, num_classes, config.zero_init_residual, config.virtual_workers_per_pass)
     model = model.to(ctx.device)
     if config.channels_last:
@@ -156,7 +156,7 @@ def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes:
                              momentum=config.momentum, nesterov=config.nesterov)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
     return TrainStep(model, optimizer, scaler, autocast(config.precision, ctx.device), config.batches_per_allreduce,
-                     restore_bn=scaler.is_enabled(), on_phase=clock)
+                     restore_bn=scaler.is_enabled())
 
 
 def endless(loaders):
@@ -212,14 +212,13 @@ def bench_train(backend: str, config: TrainConfig, steps: int, warmup: int, thre
     """Run on every rank; rank 0 returns the report (the others None)."""
     ctx = start_ranks(backend, config, threads)
     loaders = build_loaders(config, ctx)
-    clock = PhaseClock(ctx.device, absent=("allreduce_wait",) if backend != "horovod" else ())
-    step = build_step(backend, config, ctx, loaders.num_classes, clock)
-    step.on_phase = None
+    step = build_step(backend, config, ctx, loaders.num_classes)
     step.model.train()
     batches = endless(loaders)
     for _ in range(warmup):
         step(batches, lr=0.01)
     if phases:
+        clock = PhaseClock(ctx.device, absent=("allreduce_wait",) if backend != "horovod" else ())
         timings = time_phases(step, batches, steps, clock)
         step_times = [sum(parts) for parts in zip(*timings.values())]
     else:
