@@ -9,11 +9,15 @@ memory) goes into one file per rank beside it (epoch-NNNN.rankRRRRR.pt), each wr
 0 writes the main file, so a main file means a complete checkpoint.
 RNG state is not stored: the data order and the augmentation are functions of (seed, epoch, position), so a
 resumed run reads exactly the images the uninterrupted one reads.
+
+Rank 0 writes the main file in the background (AsyncWriter): the step loop waits only for a copy of the state
+in host memory; the file is written while training goes on, and the next checkpoint waits for it.
 """
 from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +116,83 @@ def save(directory: Path, state: dict, keep: int) -> Path:
             rank_state.unlink()
         old.unlink()
     return path
+
+
+class HostCopy:
+    """Copies of a state's tensors (nested dicts, lists, tuples) in host memory, the buffers kept from one
+    checkpoint to the next. On a GPU they are pinned, so the copies run without staging and the one wait at
+    the end is for all of them. A CPU tensor is copied too: the live one changes with the next step."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+
+    def __call__(self, state):
+        self.used = 0
+        copied = self._copy(state)
+        if any(buffer.is_pinned() for buffer in self.buffers[:self.used]):
+            torch.cuda.synchronize()  # host sync, at a checkpoint only: the copies are in host memory
+        return copied
+
+    def _copy(self, value):
+        if isinstance(value, torch.Tensor):
+            return self._buffer(value).copy_(value.detach(), non_blocking=value.is_cuda)
+        if isinstance(value, dict):
+            return {key: self._copy(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(item) for item in value)
+        return value
+
+    def _buffer(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The next buffer in the order of the state's tensors, made (or remade) when its shape, strides (a
+        channels_last weight stays channels_last in the file) or dtype differ."""
+        index, self.used = self.used, self.used + 1
+        if index < len(self.buffers):
+            buffer = self.buffers[index]
+            if (buffer.shape, buffer.stride(), buffer.dtype, buffer.is_pinned()) == \
+                    (tensor.shape, tensor.stride(), tensor.dtype, tensor.is_cuda):
+                return buffer
+        buffer = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        self.buffers[index:index + 1] = [buffer]
+        return buffer
+
+
+class AsyncWriter:
+    """save() in a background thread. submit() waits for the write in flight, copies the state to host memory
+    (HostCopy: what the step loop waits for) and starts writing it; wait() waits for the write, and raises
+    its error if it failed. The atomicity is save()'s: a kill at any moment leaves the previous checkpoint
+    loadable. A write that hangs is caught by the next submit() or wait(): the trainer's watchdog counts
+    them as the checkpoint phase."""
+
+    def __init__(self, directory: Path, keep: int, on_written=None):
+        self.directory, self.keep, self.on_written = directory, keep, on_written
+        self.copy = HostCopy()
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, state: dict) -> Path:
+        self.wait()
+        snapshot = self.copy(state)
+        path = path_for(self.directory, snapshot["epoch"], snapshot["step_in_epoch"])
+        self.thread = threading.Thread(target=self._write, args=(snapshot, path), name="checkpoint-writer",
+                                       daemon=True)
+        self.thread.start()
+        return path
+
+    def _write(self, snapshot: dict, path: Path) -> None:
+        try:
+            save(self.directory, snapshot, self.keep)
+            if self.on_written:
+                self.on_written(path)
+        except BaseException as error:  # raised in the trainer's thread by the next wait()
+            self.error = error
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise UserError(f"writing a checkpoint in {self.directory} failed: {error}") from error
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

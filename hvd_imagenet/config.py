@@ -98,6 +98,10 @@ class TrainConfig:
     resume: bool = opt("continue from the newest checkpoint (a fresh start when there is none)", False)
     allow_resize: bool = opt(
         "--resume on another world size or global batch: the linear scaling rule re-scales the lr", False)
+    checkpoint_every: int = opt(
+        "write a checkpoint every N epochs, and after the last; a stop signal (SIGUSR1, SIGTERM) always writes "
+        "one. Rank 0 writes it in the background: the steps wait only for a copy in host memory", 1, min=1)
+    eval_every: int = opt("evaluate every N epochs, and after the last (MLPerf's ResNet-50: 4)", 1, min=1)
     keep_checkpoints: int = opt(
         "newest checkpoints kept, the rest deleted (0: keep all; a ResNet-50 one is ~200 MB)", 3, min=0)
     skip_nonfinite: bool = opt(

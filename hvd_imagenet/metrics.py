@@ -105,9 +105,8 @@ def format_table(records: list[dict]) -> str:
              f"{'val top5':>8} {'img/s':>8} {'sec':>6}"
     rows = [header]
     for r in records:
-        rows.append(
-            f"{r['epoch']:>5} {r['lr']:>8.4f} {r['train_loss']:>10.4f} {r['train_top1']:>10.2f} "
-            f"{r['val_loss']:>8.4f} {r['val_top1']:>8.2f} {r['val_top5']:>8.2f} "
-            f"{r['images_per_sec']:>8.1f} {r['epoch_seconds']:>6.1f}"
-        )
+        val = (f"{r['val_loss']:>8.4f} {r['val_top1']:>8.2f} {r['val_top5']:>8.2f}" if r.get("val_top1") is not None
+               else f"{'-':>8} {'-':>8} {'-':>8}")  # an epoch not evaluated (--eval-every)
+        rows.append(f"{r['epoch']:>5} {r['lr']:>8.4f} {r['train_loss']:>10.4f} {r['train_top1']:>10.2f} {val} "
+                    f"{r['images_per_sec']:>8.1f} {r['epoch_seconds']:>6.1f}")
     return "\n".join(rows)

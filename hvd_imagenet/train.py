@@ -1,8 +1,9 @@
 """`hvd-imagenet train`: ResNet on ImageNet with the recipe of Goyal et al. (2017), on every Horovod rank.
 
 Read top to bottom: check the inputs, start Horovod, build data, model and optimizer, resume or broadcast the
-start state, then per epoch: train (one step.TrainStep per iteration, lr from schedule.lr_at), evaluate, write
-metrics and a checkpoint.
+start state, then per epoch: train (one step.TrainStep per iteration, lr from schedule.lr_at), evaluate (every
+--eval-every epochs), write metrics and (every --checkpoint-every epochs) a checkpoint, which rank 0 writes in
+the background while the next epoch trains.
 A SIGUSR1 or SIGTERM (SLURM's warning before the time limit, scancel) stops every rank at the same step with a
 checkpoint there; `--resume` continues from it as if nothing had happened. Averaged gradients that are NaN or
 inf stop the run (or skip the step, --skip-nonfinite). With --elastic, ranks may leave or join mid-epoch. A
@@ -160,6 +161,8 @@ class Trainer:
         self.config, self.model, self.optimizer, self.scaler, self.world = config, model, optimizer, scaler, world
         self.step = build_step(config, model, optimizer, scaler, world.ctx.device)
         self.checkpoints, self.output, self.stop, self.watchdog = checkpoints, output, stop, watchdog
+        self.checkpoint_writer = checkpoint.AsyncWriter(  # used on rank 0; the watchdog learns when a write is done
+            checkpoints, config.keep_checkpoints, on_written=lambda path: watchdog.checkpoint_saved(str(path), True))
         self.rejoined = False  # whether the set of ranks has changed since the start (--elastic)
         self.writer = self.open_writer(epochs_done)
         self.describe()
@@ -203,12 +206,14 @@ class Trainer:
             self.writer = RunWriter(self.output, self.resolved_config(), keep_epochs=len(read_metrics(self.output)))
 
     def close(self) -> None:
+        self.checkpoint_writer.wait()
         if self.writer:
             self.writer.close()
 
     def save_checkpoint(self, state, step_in_epoch: int = 0) -> Path:
         """Every rank calls it: each writes its own compressor state (PowerSGD's error memory) if it has one,
-        then rank 0 the checkpoint. The path of the checkpoint."""
+        then rank 0 starts writing the checkpoint (checkpoint.AsyncWriter: it waits for the previous write and
+        for a copy of the state in host memory). The path of the checkpoint."""
         self.watchdog.progress("checkpoint")
         path = checkpoint.path_for(self.checkpoints, state.epoch, step_in_epoch)
         rank_state = comm.compressor_state(self.optimizer)
@@ -217,14 +222,14 @@ class Trainer:
             comm.barrier()  # Horovod: every rank's file is complete before rank 0 writes the main one
         if self.world.ctx.is_primary:
             progress = Progress(state.epoch, state.images_done, state.sums, state.seconds, state.skipped)
-            checkpoint.save(self.checkpoints, Checkpoint(
+            self.checkpoint_writer.submit(Checkpoint(
                 progress, state.epoch * self.world.steps_per_epoch + step_in_epoch, step_in_epoch,
                 self.model.state_dict(), self.optimizer.state_dict(), self.scaler.state_dict(),
                 self.resolved_config(),
                 {"name": self.config.compression, "ranks": self.world.ctx.size,
                  "channels_last": self.config.channels_last} if rank_state is not None else {},
-            ).to_state(), keep=self.config.keep_checkpoints)
-        self.watchdog.checkpoint_saved(str(path), complete=self.world.ctx.is_primary)
+            ).to_state())
+        self.watchdog.checkpoint_saved(str(path), complete=False)  # rank 0's writer marks it complete
         return path
 
     def train_elastic(self, state) -> None:
@@ -267,8 +272,9 @@ class Trainer:
             self.watchdog.progress("epoch end")  # the ranks agree on signals next: a collective, waits for all
             received = self.stop.agreed() if state.epoch < config.epochs else None  # a signal during val or save
             if received:
-                self.report_stop(received, state, path)
+                self.report_stop(received, state, path or self.save_checkpoint(state))
                 return
+        self.checkpoint_writer.wait()
         if self.writer:
             log.info("\n%s", format_table(read_metrics(self.output)))
 
@@ -339,43 +345,58 @@ class Trainer:
                 "lr or lengthen the warmup, resume with --resume, or pass --skip-nonfinite")
 
     def finish_epoch(self, state) -> Path | None:
-        """Average BN statistics, evaluate, check that every rank holds the same weights, and (rank 0) write
-        the epoch's metrics and checkpoint."""
-        w, epoch = self.world, state.epoch
-        train = summarize(state.sums)
+        """Average BN statistics, evaluate (every --eval-every epochs and after the last), check that every
+        rank holds the same weights, (rank 0) write the epoch's metrics, and start writing a checkpoint (every
+        --checkpoint-every epochs and after the last; its path, else None). What each part took goes into
+        metrics.jsonl as boundary_seconds: at 256 H100s an epoch's steps take ~0.7 s (bench-epoch)."""
+        w, epoch, config = self.world, state.epoch, self.config
+        last = epoch + 1 == config.epochs
+        clock = PhaseClock()
+        if not last:  # the next epoch's first batches decode during the evaluation and the checkpoint (DALI)
+            w.loaders.set_epoch(epoch + 1)
         self.watchdog.progress("evaluation")
         comm.average_bn_statistics(self.model)
-        started = time.perf_counter()
-        val = evaluate(self.model, self.step.criterion, w.loaders.val, w.ctx.device, self.step.autocast,
-                       on_batch=lambda: self.watchdog.progress("evaluation"))
-        val["seconds"] = time.perf_counter() - started
+        clock.lap("bn_average")
+        val = None
+        if (epoch + 1) % config.eval_every == 0 or last:
+            val = evaluate(self.model, self.step.criterion, w.loaders.val, w.ctx.device, self.step.autocast,
+                           on_batch=lambda: self.watchdog.progress("evaluation"))
+            val["seconds"] = clock.lap("evaluation")
         digests = comm.gather_digests(weights_digest(self.model))  # every rank must hold the same model
+        clock.lap("digests")
         if len(set(digests)) > 1:
             log.warning("epoch %d: ranks hold different weights (digests %s)", epoch + 1, digests)
+        path = None
+        if (epoch + 1) % config.checkpoint_every == 0 or last:
+            path = self.save_checkpoint(Progress(epoch=epoch + 1))
+            clock.lap("checkpoint_stall")
         if self.writer:
-            self.write_epoch(state, train, val, digests)
-        return self.save_checkpoint(Progress(epoch=epoch + 1))
+            self.write_epoch(state, summarize(state.sums), val, digests, clock.laps)
+        return path
 
-    def write_epoch(self, state, train: dict, val: dict, digests: list[float]) -> None:
-        """Rank 0: the epoch's line of metrics.jsonl (and TensorBoard), and one log line."""
+    def write_epoch(self, state, train: dict, val: dict | None, digests: list[float], boundary: dict) -> None:
+        """Rank 0: the epoch's line of metrics.jsonl (and TensorBoard; val_* are null when the epoch was not
+        evaluated), and one log line."""
         w, epoch, steps = self.world, state.epoch, self.world.steps_per_epoch
         self.writer.epoch({
             "epoch": epoch + 1, "lr": lr_at(self.config.lr, (epoch + 1) * steps - 1, steps, w.global_batch),
             "train_loss": train["loss"], "train_top1": train["top1"], "train_images": train["images"],
-            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-            "val_images": val["images"], "images_per_sec": train["images"] / state.seconds,
-            "epoch_seconds": state.seconds, "val_seconds": val["seconds"], "world_size": w.ctx.size,
-            "global_batch": w.global_batch, "steps": (epoch + 1) * steps, "skipped_steps": state.skipped,
-            "weights_digests": digests,
+            "evaluated": val is not None,
+            **{f"val_{key}": val[key] if val else None for key in ("loss", "top1", "top5", "images", "seconds")},
+            "images_per_sec": train["images"] / state.seconds, "epoch_seconds": state.seconds,
+            "world_size": w.ctx.size, "global_batch": w.global_batch, "steps": (epoch + 1) * steps,
+            "skipped_steps": state.skipped, "weights_digests": digests, "boundary_seconds": boundary,
         })
-        log.info("epoch %d/%d: train loss %.4f top1 %.2f%% | val loss %.4f top1 %.2f%% top5 %.2f%% | %.1f s",
-                 epoch + 1, self.config.epochs, train["loss"], train["top1"], val["loss"], val["top1"],
-                 val["top5"], state.seconds)
+        evaluated = (f"val loss {val['loss']:.4f} top1 {val['top1']:.2f}% top5 {val['top5']:.2f}%" if val
+                     else f"not evaluated (--eval-every {self.config.eval_every})")
+        log.info("epoch %d/%d: train loss %.4f top1 %.2f%% | %s | %.1f s", epoch + 1, self.config.epochs,
+                 train["loss"], train["top1"], evaluated, state.seconds)
 
     def report_stop(self, received: str, state, path: Path | None) -> None:
         """Rank 0 says where the run stopped and writes stopped.json (what the sbatch script requeues on)."""
         if not self.world.ctx.is_primary:
             return
+        self.checkpoint_writer.wait()  # the checkpoint is on disk before stopped.json says to requeue from it
         step = state.images_done // self.world.global_batch
         record = {"signal": received, "epochs_done": state.epoch, "steps_done_in_epoch": step,
                   "checkpoint": str(path)}
@@ -383,6 +404,19 @@ class Trainer:
         where = (f"after epoch {state.epoch}" if step == 0
                  else f"at step {step}/{self.world.steps_per_epoch} of epoch {state.epoch + 1}")
         log.info("%s: stopped %s; checkpoint %s; continue with --resume", received, where, path)
+
+
+class PhaseClock:
+    """Seconds between laps, by name (host time: each part of the boundary ends with a host sync anyway)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.laps[name], self.last = now - self.last, now
+        return self.laps[name]
 
 
 class StopRequest:

@@ -49,11 +49,9 @@ class Watchdog:
     # --- Progress marks: called by the trainer, each a few attribute stores. ---
     def step_done(self, epoch: int, step: int, steps: int) -> None:
         """Optimizer step `step` of `epoch` (0-based) completed: its allreduce returned, so every rank got
-        that far, and rank 0 had finished writing any checkpoint it started before it."""
+        that far (rank 0 writes checkpoints in the background: a step says nothing of them)."""
         self.last_progress = time.monotonic()
         self.phase, self.last_step = "training", (epoch, step, steps)
-        if self.pending is not None:
-            self.resume_from, self.pending = self.pending, None
 
     def progress(self, phase: str) -> None:
         """Progress made, and this rank now in `phase`: "training" (an epoch begins), "evaluation" (a batch),
@@ -62,9 +60,9 @@ class Watchdog:
         self.phase = phase
 
     def checkpoint_saved(self, path: str, complete: bool) -> None:
-        """The checkpoint at `path` was saved: complete on rank 0 (it wrote it, or loaded it to resume); on
-        another rank, rank 0 may still be writing it, and it counts once a later step completes (rank 0 takes
-        part in that step only after the write)."""
+        """The checkpoint at `path` was started (complete=False: rank 0 writes it in the background; another
+        rank never learns when it is done) or is complete (rank 0's writer finished it, or it was loaded to
+        resume). Called from rank 0's writer thread too: attribute stores only."""
         self.last_progress = time.monotonic()
         if complete:
             self.resume_from, self.pending = path, None

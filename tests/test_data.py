@@ -165,13 +165,14 @@ def test_check_data_reports_odd_and_unreadable_and_writes_a_file_list(odd_data, 
 
 def test_bench_loader_json(tiny_data):
     result = run_cli("bench-loader", "--data", tiny_data, "--loader", "dali", "--loader", "torchvision",
-                     "--batch-size", "4", "--image-size", "32", "--epochs", "1", "--repeats", "1", "--threads", "1",
+                     "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--repeats", "1", "--threads", "1",
                      "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["loader"] for r in report["results"]] == ["dali", "torchvision"]
+    assert [r["pipeline_builds"] for r in report["results"]] == [1, None]  # one for the untimed and timed epochs
     for r in report["results"]:
-        assert r["images_per_repeat"] == 48  # one timed epoch of the 48 train images
+        assert r["images_per_repeat"] == 96  # two timed epochs of the 48 train images
         assert r["images_per_sec"] > 0 and r["cpu_seconds_per_image"] > 0 and r["peak_rss_mib"] > 0
     assert report["results"][1]["ratio"] == 1.0
     assert report["results"][0]["ratio"] == pytest.approx(report["results"][0]["images_per_sec"]

@@ -65,6 +65,11 @@ def test_dali_mixed_decode_matches_cpu_decode_and_lands_on_the_gpu(tiny_data):
     images, labels = dali_batches(tiny_data, "gpu", "train", channels_last=True)[0]
     assert images.device == labels.device == torch.device("cuda", 0)
     assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
+    # Training: the crop windows come from the same draws on both (issue 28), so the crops match too.
+    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(dali_batches(tiny_data, "gpu", "train"),
+                                                                  dali_batches(tiny_data, "cpu", "train")):
+        assert torch.equal(gpu_labels, cpu_labels)
+        assert (gpu_images - cpu_images).abs().mean() < 0.05
 
 
 def test_dali_mixed_decode_reads_packed_shards_as_the_tree(tiny_data, tiny_shards):
@@ -144,3 +149,30 @@ def test_memory_loader_augments_on_the_gpu_as_on_the_cpu(tiny_data):
         assert gpu_images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(gpu_labels.cpu(), cpu_labels)
         torch.testing.assert_close(gpu_images.cpu(), cpu_images, rtol=0, atol=1e-3)
+
+
+def test_a_background_checkpoint_of_a_gpu_model_holds_the_state_it_was_given(tmp_path):
+    """checkpoint.AsyncWriter on cuda:0: the state copied into pinned host buffers (reused by the next
+    checkpoint); the file holds the state at submit(), not the live weights' next step."""
+    from hvd_imagenet import checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        model(torch.randn(4, 3, 16, 16, device="cuda")).square().mean().backward()
+        optimizer.step()
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "step": 1,
+                 "step_in_epoch": 0, "images_done": 0, "partial": None, "config": {}}
+    expected = {key: value.cpu().clone() for key, value in state["model"].items()}
+    writer = checkpoint.AsyncWriter(tmp_path / "async", keep=1)
+    writer.submit(state)
+    buffers = list(writer.copy.buffers)
+    assert buffers and all(buffer.is_pinned() for buffer in buffers)
+    optimizer.step()  # the next step, while the file is written
+    writer.wait()
+    written = torch.load(tmp_path / "async" / "epoch-0001.pt", weights_only=True)
+    assert all(torch.equal(written["model"][key], value) for key, value in expected.items())
+    assert not torch.equal(written["model"]["0.weight"], model.state_dict()["0.weight"].cpu())
+    writer.submit({**state, "epoch": 2})
+    assert all(a is b for a, b in zip(buffers, writer.copy.buffers))  # the pinned buffers reused
+    writer.wait()

@@ -140,26 +140,26 @@ watchdog = Watchdog(1.0, "/ckpt", rank=lambda: 3).start()
 for step in range(30):  # 3 s of steps, 0.1 s apart: progress, so nothing fires
     time.sleep(0.1)
     watchdog.step_done(epoch=1, step=step % 6, steps=6)
-watchdog.checkpoint_saved("/ckpt/epoch-0002.pt", complete=False)  # rank 0 may still be writing it
+watchdog.checkpoint_saved("/ckpt/epoch-0002.pt", complete=False)  # rank 0 is writing it in the background
 print("alive", flush=True)
-if sys.argv[1] == "after-a-step":
-    watchdog.step_done(epoch=2, step=0, steps=6)  # rank 0 took part: its write was done
+watchdog.step_done(epoch=2, step=0, steps=6)  # says nothing of the write
+if sys.argv[1] == "written":
+    watchdog.checkpoint_saved("/ckpt/epoch-0002.pt", complete=True)  # rank 0's writer thread: on disk
 watchdog.progress("evaluation")
 time.sleep(10)  # silent: the watchdog ends the process after 1 s
 """
 
 
-@pytest.mark.parametrize("then", ["after-a-step", "at-once"])
+@pytest.mark.parametrize("then", ["written", "still-writing"])
 def test_the_watchdog_ends_a_silent_process_and_says_where(then):
     result = subprocess.run([sys.executable, "-c", WATCHED, then], capture_output=True, text=True, timeout=60)
     assert result.returncode == 4 and result.stdout == "alive\n", (result.returncode, result.stdout, result.stderr)
     line, = result.stderr.splitlines()
     assert line.startswith(f"hvd-imagenet train: rank 3 (host {os.uname().nodename}, pid ")
-    if then == "after-a-step":  # the checkpoint counts as complete once a later step has completed
-        assert "(--hang-timeout 1) in evaluation (the last step completed: 1/6 of epoch 3)" in line, line
+    assert "(--hang-timeout 1) in evaluation (the last step completed: 1/6 of epoch 3)" in line, line
+    if then == "written":  # the checkpoint counts as complete once its writer says so, not after a step
         assert line.endswith("--resume continues from /ckpt/epoch-0002.pt"), line
     else:
-        assert "in evaluation (the last step completed: 6/6 of epoch 2)" in line, line
         assert line.endswith("the newest complete checkpoint in /ckpt (rank 0 was writing epoch-0002.pt)"), line
 
 
@@ -253,18 +253,25 @@ def test_a_slow_checkpoint_write_does_not_stop_the_run(tiny_data, tmp_path):
     assert [r["epoch"] for r in read_jsonl(job.output / "metrics.jsonl")] == [1, 2]
 
 
-def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
-    """checkpoint.save killed with -9 while it writes: the previous checkpoint still loads, the partial file
-    is never taken for a checkpoint, and the next save removes it."""
+WRITES = {"synchronous": "checkpoint.save(Path(sys.argv[1]), big, keep=3)\n",
+          "background": "writer = checkpoint.AsyncWriter(Path(sys.argv[1]), keep=3)\nwriter.submit(big)\n"
+                        "time.sleep(60)  # training goes on\n"}
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, write):
+    """A checkpoint write killed with -9 (the trainer's own, or rank 0 while its background writer writes):
+    the previous checkpoint still loads, the partial file is never taken for a checkpoint, and the next save
+    removes it."""
     directory = tmp_path / "checkpoints"
     state = {"model": {"w": torch.ones(3)}, "optimizer": {}, "epoch": 1, "step": 6, "step_in_epoch": 0,
              "images_done": 0, "partial": None, "config": {}}
     checkpoint.save(directory, state, keep=3)
     writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch; from pathlib import Path; from hvd_imagenet import checkpoint\n"
+        "import sys, time, torch; from pathlib import Path; from hvd_imagenet import checkpoint\n"
         "big = {'model': {'w': torch.zeros(400_000_000, dtype=torch.uint8)}, 'optimizer': {}, 'epoch': 2,"
         " 'step': 12, 'step_in_epoch': 0, 'images_done': 0, 'partial': None, 'config': {}}\n"
-        "checkpoint.save(Path(sys.argv[1]), big, keep=3)\n"), str(directory)])
+        + WRITES[write]), str(directory)])
     partial = directory / ".epoch-0002.pt.tmp"
     wait_for(lambda: partial.exists() and partial.stat().st_size > 0, 60, "the write to begin")
     writer.send_signal(signal.SIGKILL)

@@ -10,7 +10,7 @@ import torch
 
 from hvd_imagenet import flags
 from hvd_imagenet.bench.launch import LaunchOptions
-from hvd_imagenet.bench.scaling import Cluster, Gradients, ScalingOptions, predict
+from hvd_imagenet.bench.scaling import Cluster, EpochBoundary, Gradients, ScalingOptions, predict
 from hvd_imagenet.bench.train import TrainBenchOptions
 from hvd_imagenet.compression import COMPRESSIONS
 from hvd_imagenet.config import TrainConfig
@@ -30,11 +30,13 @@ def parse_back(cls, argv):
 
 @pytest.mark.parametrize("instance", [
     TrainConfig(output="o", loader="synthetic", epochs=7, nesterov=False, min_crop_area=0.3, compression="fp16",
+                eval_every=4, checkpoint_every=2,
                 lr=LRPolicy(base_lr=0.0125, lr_steps=(2, 5), warmup="constant", warmup_epochs=1.5)),
     TrainBenchOptions(np=(2, 4), backend=("ddp",), compression=("none", "powersgd"), layout=("nhwc",),
                       precision=("amp-bf16", "fp32"), cycle_time_ms=2.5, launch=LaunchOptions(controller="mpi")),
     StudyOptions(data="d", output="o", preset="quick", seeds=2, scale=Scale(eta=0.05, large_factor=8)),
-    ScalingOptions(cluster=Cluster(overlap=0.5, nics_per_node=4), nodes=(1, 32), compression=("fp16",)),
+    ScalingOptions(cluster=Cluster(overlap=0.5, nics_per_node=4), nodes=(1, 32), compression=("fp16",),
+                   epoch=EpochBoundary(eval_every=2, host_copy_gb_s=12.5)),
 ], ids=["train", "bench-train", "study", "scaling-model"])
 def test_flags_round_trip_through_argv(instance):
     """to_argv gives the flags that rebuild the very instance (launchers re-invoke the CLI with them)."""

@@ -1,8 +1,8 @@
 """`hvd-imagenet bench-loader`: input pipelines side by side, in one process, on the same data.
 
 Each repeat builds every loader on every --data in turn (a folder tree and its packed shards, say), reads one
-untimed epoch (start-up: worker processes, DALI's libraries, shard files opened), then times `epochs` epochs of
-training batches. Reported per (loader, data), as the median over repeats: images per second, CPU-seconds per
+untimed epoch (start-up: worker processes, DALI's libraries and pipeline, shard files opened), then times
+`epochs` epochs of training batches, through the same workers and pipeline (`pipeline_builds` counts DALI's). Reported per (loader, data), as the median over repeats: images per second, CPU-seconds per
 image (this process and its descendants: DALI's threads live in the process, DataLoader workers are child
 processes), the peak resident memory of the process tree, and the files opened per timed epoch under --data
 by any process (inotify: what a shared file system's metadata server would serve). The ratio divides every
@@ -171,6 +171,7 @@ class Measurement:
     peak_rss_mib: float
     epochs: int  # timed
     opens: int  # files opened under --data during the timed epochs
+    builds: int | None  # DALI pipelines built for the train batches over all epochs (one per run); None: no DALI
 
     @property
     def images_per_sec(self) -> float:
@@ -196,12 +197,12 @@ def measure(config: TrainConfig, ctx: DistContext, epochs: int) -> Measurement:
         cpu_after = tree_cpu_seconds()
         cpu = sum(after - cpu_before.get(pid, 0.0) for pid, after in cpu_after.items())
         opened = opens.count() - opens_before
-        description = loaders.description
+        description, builds = loaders.description, getattr(loaders.train, "builds", None)
         del loaders
         gc.collect()  # workers and pipelines go before the next loader starts
     opens.close()
     return Measurement(config.loader, config.data, description, images, seconds, cpu, memory.peak / 2**20, epochs,
-                       opened)
+                       opened, builds)
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ def summarize(measurements: list[Measurement]) -> dict:
         "peak_rss_mib": max(m.peak_rss_mib for m in measurements),
         "opens_per_epoch": statistics.median(m.opens / m.epochs for m in measurements),
         "images_per_repeat": first.images,
+        "pipeline_builds": first.builds,
         "runs_images_per_sec": [m.images_per_sec for m in measurements],
     }
 

@@ -17,6 +17,15 @@ Assumptions (each a flag):
   and add two passes over the gradients in GPU memory (the casts). PowerSGD sends its factors
   and the 1-D tensors in three allreduces (three latency terms) and costs ~6 small kernels per weight matrix
   plus ~5 passes over the gradients (error feedback, the product P Q^T).
+- The epoch boundary (EpochBoundary, one line per setting): what happens once per epoch beyond its steps, for
+  an epoch of IMAGENET_TRAIN_IMAGES at --images-per-gpu img/s (MLPerf v4.0's H100s: ~7,200, so 0.7 s at 256
+  GPUs). Evaluation of the 50,000 val images split over the GPUs at --eval-speedup x the training img/s
+  (forward only), every --eval-every epochs; the checkpoint's copy to pinned host memory every
+  --checkpoint-every epochs (written in the background), or before issue 28 its whole write at
+  --checkpoint-write-mb-s while the steps wait; --collectives small latency-bound collectives (BN average, the
+  weight digests, the val sums, the stop agreement), each a tree of 2 log2(p) alpha between nodes (NCCL's
+  choice for small messages); --train-start-ms for the first batch at the epoch's start (bench-epoch: ~0, it
+  decodes during the boundary).
 Anchors: Goyal et al. (2017) report ~90 % scaling efficiency from 8 to 256 P100 GPUs (kn = 8k in 1 hour);
 Horovod's README reports 90 % scaling efficiency at 512 GPUs for ResNet-101 and Inception V3.
 """
@@ -30,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..compression import COMPRESSIONS
+import math
+
 from ..data.synthetic import IMAGENET_TRAIN_IMAGES
 from ..errors import UserError
 from ..flags import Command, check, opt
@@ -58,6 +69,47 @@ class Cluster:
 
     def __post_init__(self):
         check(self)
+
+
+IMAGENET_VAL_IMAGES = 50_000
+
+
+@dataclass(frozen=True)
+class EpochBoundary:
+    images_per_gpu: float = opt("training img/s per GPU, for the epoch's length (MLPerf v4.0 ResNet-50 on H100: "
+                                "~7,200)", 7200.0, above=0)
+    eval_speedup: float = opt("evaluation img/s per GPU over training's (forward only)", 3.0, above=0)
+    eval_every: int = opt("evaluate every N epochs (MLPerf: 4)", 4, min=1)
+    checkpoint_every: int = opt("a checkpoint every N epochs", 1, min=1)
+    checkpoint_mb: float = opt("checkpoint size, MB (ResNet-50 with SGD momentum: ~205)", 205.0, min=0)
+    host_copy_gb_s: float = opt("device-to-pinned-host copy, GB/s (PCIe Gen5 x16: ~50 peak)", 20.0, above=0)
+    checkpoint_write_mb_s: float = opt("before: the synchronous write, MB/s (a busy shared file system: ~10)", 1000.0,
+                                       above=0)
+    collectives: int = opt("small collectives per boundary (BN average, digests, val sums, stop agreement)", 4, min=0)
+    train_start_ms: float = opt("wait for the epoch's first batch (bench-epoch: it decodes during the boundary)",
+                                0.0, min=0)
+
+    def __post_init__(self):
+        check(self)
+
+
+def boundary(c: Cluster, b: EpochBoundary, nodes: int, before: bool) -> dict:
+    """Seconds per epoch at the epoch boundary, by part, and the efficiency they leave: before issue 28 (every
+    epoch evaluated, the checkpoint written while the steps wait), or as configured."""
+    gpus = nodes * c.gpus_per_node
+    steps = IMAGENET_TRAIN_IMAGES / (gpus * b.images_per_gpu)
+    eval_every, checkpoint_every = (1, 1) if before else (b.eval_every, b.checkpoint_every)
+    latency = 2 * math.log2(gpus) * (c.nic_latency_us if nodes > 1 else c.nvlink_latency_us) * 1e-6 if gpus > 1 else 0
+    checkpoint = (b.checkpoint_mb / b.checkpoint_write_mb_s if before
+                  else b.checkpoint_mb / 1000 / b.host_copy_gb_s)
+    parts = {"evaluation": IMAGENET_VAL_IMAGES / gpus / (b.images_per_gpu * b.eval_speedup) / eval_every,
+             "checkpoint": checkpoint / checkpoint_every, "collectives": b.collectives * latency,
+             "train_start": b.train_start_ms / 1000}
+    total = sum(parts.values())
+    return {"setting": "before" if before else "after", "nodes": nodes, "gpus": gpus, "epoch_steps_s": steps,
+            "eval_every": eval_every, "checkpoint_every": checkpoint_every,
+            "parts_ms": {name: 1000 * value for name, value in parts.items()}, "boundary_ms": 1000 * total,
+            "share": total / (steps + total), "efficiency": steps / (steps + total)}
 
 
 @dataclass(frozen=True)
@@ -126,12 +178,15 @@ def predict(c: Cluster, grads: Gradients, nodes: int, compression: str, hierarch
             "minutes_for_epochs": c.epochs * IMAGENET_TRAIN_IMAGES / images_per_sec / 60}
 
 
-def scaling_table(c: Cluster, node_counts: list[int], compressions: list[str]) -> dict:
+def scaling_table(c: Cluster, node_counts: list[int], compressions: list[str],
+                  epoch: EpochBoundary = EpochBoundary()) -> dict:
     grads = Gradients.of(c.arch, c.powersgd_rank)
     rows = [predict(c, grads, nodes, compression, hierarchical)
             for compression in compressions for hierarchical in (False, True) for nodes in node_counts]
     return {"benchmark": "scaling-model", "cluster": c.__dict__, "gradient_elements": grads.elements,
-            "powersgd_matrices": grads.matrices, "powersgd_elements": grads.powersgd_elements, "rows": rows}
+            "powersgd_matrices": grads.matrices, "powersgd_elements": grads.powersgd_elements, "rows": rows,
+            "epoch_boundary": {"assumptions": epoch.__dict__,
+                               "rows": [boundary(c, epoch, max(node_counts), before) for before in (True, False)]}}
 
 
 def format_report(report: dict) -> str:
@@ -147,6 +202,20 @@ def format_report(report: dict) -> str:
                      f"{r['global_batch']:>6} {r['allreduce_ms']:>8.2f} {r['exposed_ms']:>8.2f} {r['step_ms']:>8.2f} "
                      f"{r['images_per_sec']:>9.0f} {100 * r['efficiency']:>6.1f}% {r['minutes_for_epochs']:>8.1f}")
     lines.append("effic.: 1-GPU step time / step time (per-GPU throughput against one GPU without communication)")
+    rows = report["epoch_boundary"]["rows"]
+    a = report["epoch_boundary"]["assumptions"]
+    lines.append(f"epoch boundary at {rows[0]['nodes']} x {c['gpus_per_node']} GPUs, {a['images_per_gpu']:g} img/s per "
+                 f"GPU: {1000 * rows[0]['epoch_steps_s']:.0f} ms of steps per epoch")
+    lines.append(f"{'setting':<52} {'eval':>6} {'ckpt':>6} {'coll.':>6} {'start':>6} {'total ms':>9} "
+                 f"{'of epoch':>9} {'effic.':>7}")
+    for r in rows:
+        how = (f"{r['setting']}: eval every {r['eval_every']}, " +
+               ("checkpoint written, steps wait" if r["setting"] == "before"
+                else f"checkpoint every {r['checkpoint_every']} (host copy)"))
+        p = r["parts_ms"]
+        lines.append(f"{how:<52} {p['evaluation']:>6.1f} {p['checkpoint']:>6.1f} {p['collectives']:>6.2f} "
+                     f"{p['train_start']:>6.1f} {r['boundary_ms']:>9.1f} {100 * r['share']:>8.1f}% "
+                     f"{100 * r['efficiency']:>6.1f}%")
     return "\n".join(lines)
 
 
@@ -177,6 +246,7 @@ def plot(report: dict, path: str) -> None:
 @dataclass(frozen=True)
 class ScalingOptions:
     cluster: Cluster = field(default_factory=Cluster)
+    epoch: EpochBoundary = field(default_factory=EpochBoundary)
     from_bench: str = opt("take n and the 1-GPU step time from a bench-train --json result's 1-rank runs", "")
     nodes: tuple[int, ...] = opt("node counts", (1, 2, 4, 8, 16, 32), min=1)
     compression: tuple[str, ...] = opt("compressors (compression.COMPRESSIONS)", ("none", "fp16", "powersgd"),
@@ -205,7 +275,7 @@ def cluster_from_bench(cluster: Cluster, path: str) -> Cluster:
 
 def run(options: ScalingOptions) -> None:
     cluster = cluster_from_bench(options.cluster, options.from_bench) if options.from_bench else options.cluster
-    report = scaling_table(cluster, list(options.nodes), list(options.compression))
+    report = scaling_table(cluster, list(options.nodes), list(options.compression), options.epoch)
     report["command"] = "hvd-imagenet " + " ".join(sys.argv[1:])
     if options.plot:
         plot(report, options.plot)

@@ -50,7 +50,8 @@ class Loaders:
     train_batches: int  # batches of V x n per rank per epoch (equal on every rank)
     num_classes: int
     # set_epoch(epoch, images_done=0), before each epoch: that epoch's global shuffle, after the first
-    # images_done images of it (a run resumed within an epoch reads exactly the rest; shards.py)
+    # images_done images of it (a run resumed within an epoch reads exactly the rest; shards.py). train calls
+    # it for the next epoch before evaluating (DALI starts decoding it then), and again at the epoch
     set_epoch: Callable[..., None]
     description: str  # what decodes, where, with how many threads: logged at start
 

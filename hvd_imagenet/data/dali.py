@@ -1,26 +1,32 @@
 """NVIDIA DALI: decode and augment on the GPU (nvJPEG, `mixed`) on GPU machines, on CPU threads elsewhere.
 
 Each rank reads its own shard by global rank (shards.py): the epoch's global shuffle is a list of samples this
-module hands to the pipeline, so the order is a function of (seed, epoch) alone, the same for every loader
+module feeds to the pipeline, so the order is a function of (seed, epoch) alone, the same for every loader
 and the same after a resume. DALI's own sharding (`shard_id`, `num_shards`) is not used: with
 `shuffle_after_epoch` its permutation comes from an internal seed and an epoch counter that restarts at 0 when
 a job is resumed, and uneven val shards under its PARTIAL policy hand the smaller shard empty batches.
 
-A folder tree is read by `fn.readers.file` (one open per image). Packed shards are read by offset
-(`fn.external_source` fed by ShardBatches: encoded bytes from a pool of reading threads, a batch ahead), into
-the same decoders: DALI's own tar reader (`fn.readers.webdataset`) only shuffles within a buffer.
+Pipelines are built once per run (train and val; again only when an elastic job changes size) and fed each
+pass by `fn.external_source` (EpochFeed): a pool of reading threads reads the pass's encoded images, from a
+folder tree (one open each) or packed shards (one pread each), a batch ahead. At a pass's end the feed raises
+StopIteration, DALI's end of epoch, and the pipeline is reset for the next pass, not rebuilt: at 256 H100s an
+epoch is ~0.7 s of steps, and a build re-creates decoder threads and nvJPEG's buffers.
 
-A pipeline is built for each pass over the data (one epoch of training, one evaluation): building one takes
-about 10 ms, and a fresh pipeline cannot continue a pass that `--max-steps-per-epoch` cut short.
+The crop and flip are not drawn by DALI's random operators (their generators live as long as the pipeline and
+cannot be reseeded): each image's draws are a function of (seed, epoch, image index), fed beside its bytes,
+and the pipeline turns them into torchvision's RandomResizedCrop window (crop_window). So the batches do not
+depend on the pipeline's age, on the rank, or on where a resumed run started: a run resumed mid-epoch reads
+and crops exactly what the uninterrupted one did.
 """
 from __future__ import annotations
 
 import math
-import re
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+import nvidia.dali.math as dmath
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from nvidia.dali.tensors import TensorListGPU
@@ -42,8 +48,13 @@ STD_255 = [255 * s for s in STD]
 # so decoding never reallocates mid-epoch; the hardware decoder (A100, H100) preallocated for 5980 x 6430 px.
 NVJPEG_HINTS = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
                     preallocate_width_hint=5980, preallocate_height_hint=6430)
-# Threads that read packed images (preads: I/O, not CPU; they wait on the disk or the network file system).
+# Threads that read encoded images (opens and preads: I/O, not CPU; they wait on the disk or the file system).
 READ_THREADS = 8
+# Per image, the uniform draws of RandomResizedCrop (torchvision's get_params): an area fraction and a log
+# aspect ratio per attempt, the crop's offsets, the flip.
+ATTEMPTS = 10
+DRAWS = 2 * ATTEMPTS + 3
+ASPECT_RATIOS = (3 / 4, 4 / 3)
 
 
 def decoder_options(device: str) -> dict:
@@ -63,64 +74,110 @@ def choose_device(requested: str, ctx: DistContext) -> str:
     return requested
 
 
-class ShardBatches:
-    """fn.external_source's callable for packed samples: batch i's encoded images and labels, in order. Reads
-    run on a thread pool, and batch i + 1's start when batch i is handed over, so that DALI's call (on the
-    thread that schedules the pipeline) mostly finds its bytes read."""
+def augmentation_draws(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """(len(indices), DRAWS) uniforms in [0, 1), float32: SplitMix64's outputs at counters given by the image's
+    index in the data set, from a key of (seed, epoch). Vectorized (microseconds a batch) and a function of
+    the image and the epoch only, like torchvision_loader.EpochShard's per-image seeds."""
+    key = np.uint64(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0])
+    counter = indices.astype(np.uint64)[:, None] * np.uint64(DRAWS) + np.arange(1, DRAWS + 1, dtype=np.uint64)
+    z = key + counter * np.uint64(0x9E3779B97F4A7C15)  # uint64 arithmetic wraps around, as SplitMix64's does
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return ((z >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24)).astype(np.float32)
 
-    def __init__(self, samples: PackedSamples, batch_size: int, pool: ThreadPoolExecutor):
-        self.samples, self.batch_size, self.pool = samples, batch_size, pool
-        self.batches = math.ceil(len(samples) / batch_size)
+
+def crop_window(encoded, draws, min_crop_area: float):
+    """In a pipeline definition: the (x, y) anchor and (w, h) size, in pixels, of torchvision's
+    RandomResizedCrop (Sec. 5.1's scale and aspect-ratio augmentation) for each image, from its header's size
+    and its draws: the first of ATTEMPTS (area, ratio) pairs that fits the image, placed at random; if none
+    fits, the center crop of the ratio nearest the image's. Per-image arithmetic on the CPU, vectorized over
+    the attempts; torchvision computes it in float64, this in float32, so a window may differ by a pixel."""
+    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)  # the header only; EXIF-rotated like the decode
+    height, width = shape[0], shape[1]
+    low, high = math.log(ASPECT_RATIOS[0]), math.log(ASPECT_RATIOS[1])
+    area = height * width * (min_crop_area + (1.0 - min_crop_area) * draws[0:ATTEMPTS])
+    ratio = dmath.exp(low + (high - low) * draws[ATTEMPTS:2 * ATTEMPTS])
+    w = dmath.floor(dmath.sqrt(area * ratio) + 0.5)
+    h = dmath.floor(dmath.sqrt(area / ratio) + 0.5)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    score = fits * types.Constant(np.arange(ATTEMPTS, 0, -1, dtype=np.float32))  # the first that fits scores highest
+    best = fn.reductions.max(score)
+    first, found = score == best, best > 0
+    wide, tall = width > height * ASPECT_RATIOS[1], width < height * ASPECT_RATIOS[0]
+    center_w = dmath.floor(wide * (height * ASPECT_RATIOS[1] + 0.5) + (1 - wide) * width)
+    center_h = dmath.floor(tall * (width / ASPECT_RATIOS[0] + 0.5) + (1 - tall) * height)
+    w = found * fn.reductions.sum(first * w) + (1 - found) * center_w
+    h = found * fn.reductions.sum(first * h) + (1 - found) * center_h
+    y = found * dmath.floor(draws[2 * ATTEMPTS] * (height - h + 1)) + (1 - found) * dmath.floor((height - h) / 2)
+    x = found * dmath.floor(draws[2 * ATTEMPTS + 1] * (width - w + 1)) + (1 - found) * dmath.floor((width - w) / 2)
+    return fn.cast(fn.stack(x, y), dtype=types.INT32), fn.cast(fn.stack(w, h), dtype=types.INT32)
+
+
+class EpochFeed:
+    """fn.external_source's callable: the current pass's batches, in order (encoded images, labels, and for
+    training each image's draws), then StopIteration. Reads run on a thread pool, and batch i + 1's start
+    when batch i is handed over, so that DALI's call (on the thread that schedules the pipeline) mostly finds
+    its bytes read."""
+
+    def __init__(self, samples: FileSamples | PackedSamples, batch_size: int, pool: ThreadPoolExecutor,
+                 seed: int | None):
+        self.samples, self.batch_size, self.pool, self.seed = samples, batch_size, pool, seed
+        self.start([], 0)
+
+    def start(self, indices, epoch: int) -> None:
+        """Feed `indices` (into the samples), a batch at a time, from the next call on."""
+        self.indices, self.epoch, self.next = np.asarray(indices, dtype=np.int64), epoch, 0
+        self.batches = math.ceil(len(self.indices) / self.batch_size)
         self.reads: dict[int, list[Future]] = {}
 
+    def stop(self) -> None:
+        """End the pass early: the next call raises StopIteration."""
+        self.start([], self.epoch)
+
+    def batch_indices(self, batch: int) -> np.ndarray:
+        return self.indices[batch * self.batch_size:(batch + 1) * self.batch_size]
+
     def submit(self, batch: int) -> list[Future]:
-        first = batch * self.batch_size
-        indices = range(first, min(first + self.batch_size, len(self.samples)))
-        return [self.pool.submit(self.samples.read, i) for i in indices]
+        return [self.pool.submit(self.samples.read, int(i)) for i in self.batch_indices(batch)]
 
-    def __call__(self, batch: int):
-        if batch >= self.batches:  # DALI schedules ahead past the pass's end
+    def __call__(self):
+        batch = self.next
+        if batch >= self.batches:  # DALI schedules ahead past the pass's end: this ends its epoch
             raise StopIteration
+        self.next += 1
         reads = self.reads.pop(batch, None) or self.submit(batch)
-        if batch + 1 < self.batches and batch + 1 not in self.reads:
+        if batch + 1 < self.batches:
             self.reads[batch + 1] = self.submit(batch + 1)
-        first = batch * self.batch_size
+        indices = self.batch_indices(batch)
         encoded = [np.frombuffer(read.result(), dtype=np.uint8) for read in reads]
-        labels = [np.array([self.samples.label(first + i)], dtype=np.int32) for i in range(len(reads))]
-        return encoded, labels
-
-
-def read_encoded(samples: FileSamples | PackedSamples, batch_size: int, pool: ThreadPoolExecutor | None):
-    """In a pipeline definition: each sample's encoded bytes and label, in the list's order."""
-    if isinstance(samples, FileSamples):
-        return fn.readers.file(files=samples.paths, labels=samples.labels, random_shuffle=False, name="reader")
-    return fn.external_source(source=ShardBatches(samples, batch_size, pool), num_outputs=2, batch=True,
-                              dtype=[types.UINT8, types.INT32])
+        labels = [np.array([self.samples.label(int(i))], dtype=np.int32) for i in indices]
+        if self.seed is None:
+            return encoded, labels
+        return encoded, labels, list(augmentation_draws(self.seed, self.epoch, indices))
 
 
 @pipeline_def
-def train_pipeline(samples, pool, device: str, image_size: int, min_crop_area: float, channels_last: bool):
-    pipeline = Pipeline.current()
-    encoded, label = read_encoded(samples, pipeline.max_batch_size, pool)
+def train_pipeline(feed: EpochFeed, device: str, image_size: int, min_crop_area: float, channels_last: bool):
+    encoded, label, draws = fn.external_source(source=feed, num_outputs=3, batch=True,
+                                               dtype=[types.UINT8, types.INT32, types.FLOAT])
     # Scale and aspect-ratio augmentation (Sec. 5.1), as torchvision's RandomResizedCrop draws it, decoding
-    # only the crop's region of the JPEG. The random operators' seeds are explicit: DALI would otherwise give
-    # them seeds in the order operators are created, which differs between readers (files, shards).
-    images = fn.decoders.image_random_crop(
-        encoded, output_type=types.RGB, random_area=[min_crop_area, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-        num_attempts=10, seed=pipeline.seed, **decoder_options(device),
-    )
+    # only the crop's region of the JPEG.
+    anchor, size = crop_window(encoded, draws, min_crop_area)
+    images = fn.decoders.image_slice(encoded, anchor, size, normalized_anchor=False, normalized_shape=False,
+                                     output_type=types.RGB, **decoder_options(device))
     images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
                        antialias=True)
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
-        mean=MEAN_255, std=STD_255, mirror=fn.random.coin_flip(probability=0.5, seed=pipeline.seed + 1),
+        mean=MEAN_255, std=STD_255, mirror=fn.cast(draws[2 * ATTEMPTS + 2] < 0.5, dtype=types.INT32),
     )
     return images, label.gpu() if device == "gpu" else label  # labels beside the images: no copy in the step
 
 
 @pipeline_def
-def val_pipeline(samples, pool, device: str, image_size: int, val_resize: int, channels_last: bool):
-    encoded, label = read_encoded(samples, Pipeline.current().max_batch_size, pool)
+def val_pipeline(feed: EpochFeed, device: str, image_size: int, val_resize: int, channels_last: bool):
+    encoded, label = fn.external_source(source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
     images = fn.decoders.image(encoded, output_type=types.RGB, **decoder_options(device))
     # A single center crop of the image resized to val_resize on its shorter side (Sec. 5.1).
     images = fn.resize(images, resize_shorter=val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
@@ -132,50 +189,96 @@ def val_pipeline(samples, pool, device: str, image_size: int, val_resize: int, c
 
 
 class DaliPass:
-    """One pass over a list of samples per iteration: builds the pipeline, yields (images, labels) on the
-    rank's device, and turns a decode failure into a UserError that names the image.
+    """Passes over a list of samples, one per iteration, through one pipeline built at the first pass and
+    reset, not rebuilt, after each: yields (images, labels) on the rank's device, and turns a decode failure
+    into a UserError that names the image. `builds` counts the pipelines built (one per run).
+    start() begins a pass's decoding before it is iterated (train's next epoch, while this one is evaluated).
 
-    The pass drives the pipeline itself rather than through DALI's iterator: it schedules exactly the batches
-    of the pass, `prefetch` ahead of the one in use. DALI's iterator keeps scheduling past the end (it expects
-    the same pipeline to carry on into the next epoch), which here would decode batches that are thrown away.
-    A partial last batch (val) is cut to the samples that belong to the pass.
+    The pass drives the pipeline itself rather than through DALI's iterator: it schedules the batches of the
+    pass, `prefetch` ahead of the one in use, and the feed's StopIteration ends DALI's epoch. A partial last
+    batch (val) is cut to the samples that belong to the pass. A pass left before its end
+    (--max-steps-per-epoch, a stop signal) is drained when it is closed: the feed stops, the batches in flight
+    (at most `prefetch`) are decoded and dropped, and the pipeline is reset.
 
     Nothing here waits for the GPU: outputs on the GPU are bound to torch's current stream (share_outputs'
     cuda_stream) and copied out on it; CPU outputs (--dali-device cpu) go to the GPU from pinned memory
     without blocking."""
 
-    def __init__(self, samples: FileSamples | PackedSamples, build, ctx: DistContext, batch_size: int,
-                 prefetch: int, channels_last: bool):
-        self.samples, self.build, self.ctx = samples, build, ctx
+    def __init__(self, feed: EpochFeed, build, ctx: DistContext, batch_size: int, prefetch: int,
+                 channels_last: bool):
+        self.feed, self.build, self.ctx = feed, build, ctx
         self.batch_size, self.prefetch, self.channels_last = batch_size, prefetch, channels_last
+        self.indices, self.epoch = [], 0
+        self.pipeline, self.builds, self.active, self.started = None, 0, None, False
+
+    def select(self, indices, epoch: int = 0) -> None:
+        """What the next pass reads: `indices` into the feed's samples, with the epoch's augmentation draws."""
+        self.close_active()
+        if self.started:  # started, never iterated
+            self.end_pass(self.pipeline)
+        self.indices, self.epoch, self.started = indices, epoch, False
+
+    def start(self) -> None:
+        """Feed the pass and schedule its first `prefetch` batches now (a no-op if already started)."""
+        if self.started or not len(self.indices):
+            return
+        pipeline = self.ready_pipeline()
+        self.feed.start(self.indices, self.epoch)
+        pipeline.schedule_run()  # after a build or a reset, DALI schedules `prefetch` batches at once
+        self.started = True
+
+    def close_active(self) -> None:
+        active = self.active() if self.active else None
+        if active is not None:  # a pass still open (not run to its end, not yet collected): drained
+            active.close()
 
     def __iter__(self):
-        if not len(self.samples):
+        self.close_active()
+        batches = self.run_pass()
+        self.active = weakref.ref(batches)
+        return batches
+
+    def run_pass(self):
+        if not len(self.indices):
             return
-        batches = math.ceil(len(self.samples) / self.batch_size)
-        pipeline = self.build(self.samples)
-        pipeline.build()
-        scheduled = min(self.prefetch, batches)
-        for _ in range(scheduled):
-            pipeline.schedule_run()
+        self.start()
+        pipeline, self.started = self.pipeline, False  # this pass takes what start() scheduled
         try:
-            for index in range(batches):
+            for index in range(self.feed.batches):
                 try:
                     images, labels = pipeline.share_outputs(cuda_stream=self.stream)
                 except RuntimeError as error:
+                    self.pipeline = None  # a pipeline that failed is not reused
                     raise UserError(self.decode_failure(error, index)) from None
-                keep = min(self.batch_size, len(self.samples) - index * self.batch_size)
+                keep = min(self.batch_size, len(self.indices) - index * self.batch_size)
                 images, labels = self.to_torch(images)[:keep], self.to_torch(labels)[:keep]
                 pipeline.release_outputs()
-                if scheduled < batches:
-                    pipeline.schedule_run()
-                    scheduled += 1
+                pipeline.schedule_run()  # the next batch; past the pass's end the feed ends DALI's epoch
                 if self.channels_last:  # NHWC from DALI is NCHW in channels_last memory format, no copy
                     images = images.permute(0, 3, 1, 2)
                 yield (images.to(self.ctx.device, non_blocking=True),  # no-ops when DALI decoded on this GPU
                        labels.to(self.ctx.device, non_blocking=True).squeeze(-1).long())
         finally:
-            del pipeline  # its threads and buffers go with the pass
+            if self.pipeline is pipeline:
+                self.end_pass(pipeline)
+
+    def ready_pipeline(self) -> Pipeline:
+        if self.pipeline is None:
+            self.pipeline = self.build(self.feed)
+            self.pipeline.build()
+            self.builds += 1
+        return self.pipeline
+
+    def end_pass(self, pipeline: Pipeline) -> None:
+        """Stop the feed, drop the batches still in flight (none after a whole pass), reset DALI's epoch."""
+        self.feed.stop()
+        pipeline.schedule_run()  # reaches the stopped feed: DALI's epoch ends (a no-op if it had ended)
+        try:
+            while True:
+                pipeline.share_outputs(cuda_stream=self.stream)
+                pipeline.release_outputs()
+        except StopIteration:
+            pipeline.reset()
 
     @property
     def stream(self):
@@ -194,62 +297,57 @@ class DaliPass:
         return tensor
 
     def decode_failure(self, error: RuntimeError, batch_index: int) -> str:
-        """DALI names the file for some failures ("Failed to decode sample #3 : <path>"), not for all
-        ("nvImageCodec failure: '#4'"), and never for bytes from an external source. Then the culprit is in a
-        batch in flight: the one asked for or one decoded ahead of it; check those images with PIL."""
-        text = str(error)
-        named = re.search(r"Failed to decode sample #\d+ : (.+)", text)
-        if named:
-            return unreadable_message(named.group(1).strip(), "DALI could not decode it")
+        """DALI does not name the image (its bytes came from the feed). The culprit is in a batch in flight:
+        the one asked for or one decoded ahead of it; check those images with PIL."""
+        samples, text = self.feed.samples, str(error)
         first = batch_index * self.batch_size
-        in_flight = range(first, min(first + (self.prefetch + 2) * self.batch_size, len(self.samples)))
+        in_flight = self.indices[first:first + (self.prefetch + 2) * self.batch_size]
         for index in in_flight:
-            problem = image_problem(self.samples.read(index))
+            problem = image_problem(samples.read(int(index)))
             if problem:
-                return unreadable_message(self.samples.name(index), problem)
+                return unreadable_message(samples.name(int(index)), problem)
         reason = text.split("encountered:", 1)[-1].strip().splitlines()[0] if "encountered:" in text else text
-        return (f"DALI failed in batch {batch_index} ({self.samples.name(in_flight[0])} ... "
-                f"{self.samples.name(in_flight[-1])}): {reason}")
+        return (f"DALI failed in batch {batch_index} ({samples.name(int(in_flight[0]))} ... "
+                f"{samples.name(int(in_flight[-1]))}): {reason}")
 
 
 def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
     device = choose_device(config.dali_device, ctx)
     threads = config.dali_threads or default_threads(ctx)
     options = dict(batch_size=config.pass_batch, num_threads=threads, prefetch_queue_depth=config.dali_prefetch,
-                   device_id=ctx.local_rank if device == "gpu" else None)
-    size, layout = config.image_size, config.channels_last
-    packed = isinstance(samples.train, PackedSamples)
-    pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="shard-read") if packed else None
-    position = [0, 0]  # (epoch, images done before it) of the pass set_epoch selected
+                   device_id=ctx.local_rank if device == "gpu" else None, seed=config.seed)
+    size, layout, batch, prefetch = config.image_size, config.channels_last, config.pass_batch, config.dali_prefetch
+    pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="image-read")
+    train = DaliPass(EpochFeed(samples.train, batch, pool, seed=config.seed),
+                     lambda feed: train_pipeline(feed, device, size, config.min_crop_area, layout, **options),
+                     ctx, batch, prefetch, layout)
+    val = DaliPass(EpochFeed(samples.val, batch, pool, seed=None),
+                   lambda feed: val_pipeline(feed, device, size, config.val_resize, layout, **options),
+                   ctx, batch, prefetch, layout)
+    val.select(val_shard(len(samples.val), ctx.rank, ctx.size))
 
-    def build_train(pass_samples):
-        # Augmentation draws from (seed, epoch, images done, rank): a run resumed at an epoch boundary crops
-        # what the uninterrupted one did; one resumed within an epoch reads the same images, cropped afresh
-        # (DALI's generators cannot skip ahead).
-        seed = int(np.random.SeedSequence([config.seed, *position, ctx.rank]).generate_state(1)[0] >> 1)
-        return train_pipeline(pass_samples, pool, device, size, config.min_crop_area, layout, seed=seed, **options)
+    selected = [(0, 0)]
 
-    def build_val(pass_samples):
-        return val_pipeline(pass_samples, pool, device, size, config.val_resize, layout, seed=config.seed,
-                            **options)
-
-    train = DaliPass(samples.train.subset([]), build_train, ctx, config.pass_batch, config.dali_prefetch, layout)
+    def epoch_indices(epoch: int, images_done: int) -> list[int]:
+        indices = train_shard(len(samples.train), config.seed, epoch, ctx.rank, ctx.size, images_done)
+        return indices[:len(indices) // batch * batch]  # full batches only
 
     def set_epoch(epoch: int, images_done: int = 0) -> None:
-        indices = train_shard(len(samples.train), config.seed, epoch, ctx.rank, ctx.size, images_done)
-        usable = len(indices) // config.pass_batch * config.pass_batch  # full batches only
-        train.samples = samples.train.subset(indices[:usable])
-        position[:] = [epoch, images_done]
+        """Select the epoch's pass and start decoding it. train calls it early for the next epoch, so that
+        its first batches decode during the evaluation and the checkpoint, then again at the epoch: a no-op."""
+        if selected[0] == (epoch, images_done) and train.started:
+            return
+        train.select(epoch_indices(epoch, images_done), epoch)
+        selected[0] = (epoch, images_done)
+        train.start()
 
-    set_epoch(0)
-    val = DaliPass(samples.val.subset(val_shard(len(samples.val), ctx.rank, ctx.size)), build_val, ctx,
-                   config.pass_batch, config.dali_prefetch, layout)
+    train.select(epoch_indices(0, 0), 0)
     where = "GPU (nvJPEG, mixed)" if device == "gpu" else f"CPU, {threads} threads per rank"
-    source = f", read from packed shards by {READ_THREADS} threads" if packed else ""
+    source = f", read from packed shards by {READ_THREADS} threads" if isinstance(samples.train, PackedSamples) else ""
     return Loaders(
         train=train,
         val=val,
-        train_batches=len(samples.train) // ctx.size // config.pass_batch,
+        train_batches=len(samples.train) // ctx.size // batch,
         num_classes=samples.num_classes,
         set_epoch=set_epoch,
         description=f"DALI, decoding on the {where}{source}",

@@ -82,7 +82,8 @@ def final_epochs(epochs: int) -> int:
 
 
 def final_error(records: list[dict]) -> float:
-    return statistics.median(100 - r["val_top1"] for r in records[-final_epochs(len(records)):])
+    evaluated = [r for r in records if r.get("val_top1") is not None]  # every epoch unless --eval-every
+    return statistics.median(100 - r["val_top1"] for r in evaluated[-final_epochs(len(records)):])
 
 
 def collect(runs: list[Run], settings: tuple[Setting, ...], epochs: int) -> list[Outcome]:
