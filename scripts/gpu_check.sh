@@ -268,7 +268,7 @@ run_step() {  # run_step NAME CAP SUBCOMMAND: this script's SUBCOMMAND under `ti
 
 # ---- the long way: setup, test, bench -------------------------------------------------------------------------
 
-bench() {  # every precision x layout, the scaling model from the fastest, and DALI against torchvision
+bench() {  # every precision x layout, the scaling model from the fastest, DALI against torchvision, the boundary
   local slug data cli=("$venv/bin/hvd-imagenet")
   slug=$(gpu_slug)
   mkdir -p "$results"
@@ -288,6 +288,10 @@ print(format_report(json.load(open(sys.argv[1]))))' "$results/bench-train-$slug.
       --dali-device gpu --batch-size 128 --epochs 3 --repeats 3 --json > "$results/bench-loader-$slug.json"
     "$venv/bin/python" -c 'import json, sys; from hvd_imagenet.bench.loader import format_report
 print(format_report(json.load(open(sys.argv[1]))))' "$results/bench-loader-$slug.json"
+    "${cli[@]}" bench-epoch --data "$data/images" --batch-size 128 --image-size 224 --val-resize 256 --repeats 3 \
+      --json > "$results/bench-epoch-$slug.json"  # the epoch boundary: pipeline start, host copy of a checkpoint
+    "$venv/bin/python" -c 'import json, sys; from hvd_imagenet.bench.epoch import format_report
+print(format_report(json.load(open(sys.argv[1]))))' "$results/bench-epoch-$slug.json"
     rm -rf "$data"
   fi
   say "results in $results"

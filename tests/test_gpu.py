@@ -5,7 +5,8 @@ Checked: the CUDA stack this build needs; DALI's `mixed` decode (nvJPEG) against
 cuda:local_rank, and the same batches from packed shards (external_source) as from the folder tree; Horovod's
 NCCL collectives on NHWC tensors; amp-fp16 and amp-bf16 training steps of `train` with NHWC weights; the step's
 host syncs in CUDA's own sync debug mode against host_sync.SYNC_BUDGET; one-pass virtual workers (BN per group)
-against passes one after another, on cuDNN; the memory loader's batches on the GPU against the CPU's."""
+against passes one after another, on cuDNN; the memory loader's batches on the GPU against the CPU's; a
+background checkpoint (checkpoint.AsyncWriter) of a model on the GPU."""
 import functools
 import json
 

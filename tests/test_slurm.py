@@ -82,11 +82,15 @@ def test_sbatch_trains_on_local_slurm(slurm, tiny_data, tmp_path):
     assert f"job {job_id} (start 1): 1 nodes x 2 tasks" in log and "no checkpoint in" in log
 
 
-def test_sigusr1_checkpoints_requeues_and_resumes_exactly(slurm, tiny_data, tmp_path):
-    """SLURM's pre-emption warning mid-epoch: every rank stops at one step, rank 0 checkpoints, the job
-    requeues itself and continues. The result equals an uninterrupted job's: the same losses and accuracies
-    and bit-identical weights (BN running statistics to float rounding: they are averaged at the stop)."""
-    train = f"--epochs 2 --batch-size 2 {TINY}"  # 12 steps per epoch: the stop check at step 10 falls inside
+@pytest.mark.parametrize("loader", ["torchvision", "dali --checkpoint-every 2"])
+def test_sigusr1_checkpoints_requeues_and_resumes_exactly(slurm, tiny_data, tmp_path, loader):
+    """SLURM's pre-emption warning mid-epoch: every rank stops at one step, rank 0 checkpoints (whatever
+    --checkpoint-every says), the job requeues itself and continues. The result equals an uninterrupted job's:
+    the same losses and accuracies and bit-identical weights (BN running statistics to float rounding: they
+    are averaged at the stop). DALI too: its crops are per-image draws, so the resumed epoch crops as the
+    uninterrupted one did."""
+    tiny = TINY.replace("--loader torchvision", f"--loader {loader}")
+    train = f"--epochs 2 --batch-size 2 {tiny}"  # 12 steps per epoch: the stop check at step 10 falls inside
     whole, split = tmp_path / "whole", tmp_path / "split"
     status, _ = sbatch(job_env(slurm, tiny_data, whole, train), tmp_path, *ONE_CPU_NODE)
     assert status == 0
