@@ -4,6 +4,8 @@ the resume and the checkpoints exactly what they were while taking the per-epoch
 import io
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ from hvd_imagenet.bench.scaling import Cluster, EpochBoundary, boundary
 from hvd_imagenet.data.dali import ATTEMPTS, DRAWS, augmentation_draws, crop_window
 
 from conftest import TINY_TRAIN, loaders, rank, read_jsonl, run_cli, run_horovod
+from test_reliability import Job, two_ranks
 
 
 def batches(pipes, epoch=None, images_done=0):
@@ -226,3 +229,22 @@ def test_bench_epoch_measures_each_part_before_and_after(tiny_data):
     assert report["pipeline_builds_over_3_epochs"] == {"before": [3, 3], "after": [1, 1]}
     assert report["checkpoint_mb"] > 40  # ResNet-18 and its momentum
     assert report["boundary_seconds"]["after"] < report["boundary_seconds"]["before"]
+
+
+def test_a_stop_at_an_epoch_end_with_no_checkpoint_due_writes_one(tiny_data, tmp_path):
+    """SIGUSR1 to both ranks in epoch 1 of a run with --checkpoint-every 5 (DALI): 6 steps an epoch, fewer
+    than the 10 between stop checks, so the ranks agree at the epoch's end, where no checkpoint is due and the
+    next epoch's pipeline pass has started. The stop writes one, stopped.json names it, the ranks exit 0, and
+    --resume finishes the run."""
+    flags = ["--epochs", "3", "--checkpoint-every", "5", *TINY_TRAIN, "--loader", "dali"]
+    job = Job(tmp_path, two_ranks("--gloo"), tiny_data, *flags)
+    job.wait_for_output("epoch 1/3: steps")
+    for r in (0, 1):
+        os.kill(job.trainer(r), signal.SIGUSR1)
+    assert job.wait(timeout=120) == 0, job.text()[-3000:]
+    stopped = json.loads((job.output / "stopped.json").read_text())
+    assert stopped["steps_done_in_epoch"] == 0 and 1 <= stopped["epochs_done"] < 3, stopped
+    written = [p.name for p in checkpoint.list_checkpoints(job.output / "checkpoints")]
+    assert written == [f"epoch-{stopped['epochs_done']:04d}.pt"] and stopped["checkpoint"].endswith(written[0])
+    run_horovod("--data", tiny_data, "--output", job.output, "--resume", *flags)
+    assert [r["epoch"] for r in read_jsonl(job.output / "metrics.jsonl")] == [1, 2, 3]
