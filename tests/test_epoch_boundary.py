@@ -229,6 +229,9 @@ def test_bench_epoch_measures_each_part_before_and_after(tiny_data):
     assert report["pipeline_builds_over_3_epochs"] == {"before": [3, 3], "after": [1, 1]}
     assert report["checkpoint_mb"] > 40  # ResNet-18 and its momentum
     assert report["boundary_seconds"]["after"] < report["boundary_seconds"]["before"]
+    refused = run_cli("bench-epoch")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--data: give a folder tree or packed shards" in refused.stderr
 
 
 def test_a_stop_at_an_epoch_end_with_no_checkpoint_due_writes_one(tiny_data, tmp_path):

@@ -25,6 +25,7 @@ from .. import checkpoint, comm
 from ..config import TrainConfig
 from ..cpus import available_cpus
 from ..data import build_loaders, check_data
+from ..errors import UserError
 from ..flags import Command, check, opt
 from ..gpu import device_name
 from ..model import build_model, weights_digest
@@ -95,6 +96,8 @@ def measure_boundary(loaders, model, optimizer, writer, directory: Path, epoch: 
 
 
 def bench_epoch(options: EpochBenchOptions) -> dict:
+    if not options.data:
+        raise UserError("--data: give a folder tree or packed shards (hvd-imagenet make-dataset makes a small one)")
     check_data(Path(options.data))
     ctx = comm.init()
     config = TrainConfig(data=options.data, output="(bench-epoch writes nothing)", loader="dali", arch=options.arch,
