@@ -23,7 +23,8 @@ COMMANDS = {  # name: (module holding COMMAND, one line of help)
     "pack": ("hvd_imagenet.data.pack", "a folder tree into large tar shards and an index (fewer file opens)"),
     "stage": ("hvd_imagenet.data.stage", "copy packed shards to a node-local directory, unless already there"),
     "bench-loader": ("hvd_imagenet.bench.loader", "input pipelines side by side: img/s, CPU-s/img, memory"),
-    "bench-epoch": ("hvd_imagenet.bench.epoch", "an epoch boundary's cost beyond its steps, part by part, before/after"),
+    "bench-epoch": ("hvd_imagenet.bench.epoch",
+                    "an epoch boundary's cost beyond its steps, part by part, before/after"),
     "bench-allreduce": ("hvd_imagenet.bench.allreduce",
                         "gradient allreduce per compressor: time, algbw, busbw, wire bytes"),
     "bench-train": ("hvd_imagenet.bench.train", "training steps split into forward/backward/allreduce-wait/"

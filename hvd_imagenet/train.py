@@ -351,7 +351,7 @@ class Trainer:
         metrics.jsonl as boundary_seconds: at 256 H100s an epoch's steps take ~0.7 s (bench-epoch)."""
         w, epoch, config = self.world, state.epoch, self.config
         last = epoch + 1 == config.epochs
-        clock = PhaseClock()
+        clock = Laps()
         if not last:  # the next epoch's first batches decode during the evaluation and the checkpoint (DALI)
             w.loaders.set_epoch(epoch + 1)
         self.watchdog.progress("evaluation")
@@ -406,8 +406,9 @@ class Trainer:
         log.info("%s: stopped %s; checkpoint %s; continue with --resume", received, where, path)
 
 
-class PhaseClock:
-    """Seconds between laps, by name (host time: each part of the boundary ends with a host sync anyway)."""
+class Laps:
+    """Seconds between laps, by name, on the host clock without a device sync (step.PhaseClock is
+    bench-train's, which synchronizes): each part of the epoch boundary ends with a host sync anyway."""
 
     def __init__(self):
         self.laps: dict[str, float] = {}

@@ -56,6 +56,20 @@ def loaders(data, loader, ctx, **overrides):
     return build_loaders(TrainConfig(**{**options, **overrides}), ctx)
 
 
+def batches(pipes, epoch=None, images_done=0) -> list:
+    """One rank's batches: of `epoch`'s training pass from images_done on (set_epoch first), or of val."""
+    if epoch is not None:
+        pipes.set_epoch(epoch, images_done)
+    return list(pipes.train if epoch is not None else pipes.val)
+
+
+def assert_same_batches(a, b) -> None:
+    assert len(a) == len(b) > 0
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
+        assert torch.equal(labels_a, labels_b)
+        assert torch.equal(images_a, images_b)
+
+
 def shared_memory_files() -> set[Path]:
     """The memory loader's decoded data sets in /dev/shm (data/memory.py)."""
     return set(Path("/dev/shm").glob("hvd-imagenet-*"))

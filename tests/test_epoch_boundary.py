@@ -19,20 +19,8 @@ from hvd_imagenet import checkpoint
 from hvd_imagenet.bench.scaling import Cluster, EpochBoundary, boundary
 from hvd_imagenet.data.dali import ATTEMPTS, DRAWS, augmentation_draws, crop_window
 
-from conftest import TINY_TRAIN, loaders, rank, read_jsonl, run_cli, run_horovod
+from conftest import TINY_TRAIN, assert_same_batches, batches, loaders, rank, read_jsonl, run_cli, run_horovod
 from test_reliability import Job, two_ranks
-
-
-def batches(pipes, epoch=None, images_done=0):
-    if epoch is not None:
-        pipes.set_epoch(epoch, images_done)
-    return list(pipes.train if epoch is not None else pipes.val)
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b) > 0
-    for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
-        assert torch.equal(labels_a, labels_b) and torch.equal(images_a, images_b)
 
 
 @pytest.mark.parametrize("kind", ["tree", "shards"])

@@ -16,23 +16,10 @@ from torchvision.datasets import ImageFolder
 from hvd_imagenet.data import check_data, stage
 from hvd_imagenet.errors import UserError
 
-from conftest import (TINY_TRAIN, add_broken, assert_epoch_2_equal, loaders, pack, rank, read_jsonl, run_cli,
-                      run_horovod)
+from conftest import (TINY_TRAIN, add_broken, assert_epoch_2_equal, assert_same_batches, batches, loaders, pack,
+                      rank, read_jsonl, run_cli, run_horovod)
 
 LOADERS = ["dali", "torchvision"]
-
-
-def batches(pipes, epoch=None, images_done=0):
-    if epoch is not None:
-        pipes.set_epoch(epoch, images_done)
-    return list(pipes.train if epoch is not None else pipes.val)
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b) > 0
-    for (images_a, labels_a), (images_b, labels_b) in zip(a, b):
-        assert torch.equal(labels_a, labels_b)
-        assert torch.equal(images_a, images_b)
 
 
 def test_pack_writes_tars_that_tar_reads_and_an_index_that_points_into_them(tiny_data, tiny_shards, tmp_path):

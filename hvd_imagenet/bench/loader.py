@@ -2,7 +2,8 @@
 
 Each repeat builds every loader on every --data in turn (a folder tree and its packed shards, say), reads one
 untimed epoch (start-up: worker processes, DALI's libraries and pipeline, shard files opened), then times
-`epochs` epochs of training batches, through the same workers and pipeline (`pipeline_builds` counts DALI's). Reported per (loader, data), as the median over repeats: images per second, CPU-seconds per
+`epochs` epochs of training batches, through the same workers and pipeline (`pipeline_builds` counts DALI's).
+Reported per (loader, data), as the median over repeats: images per second, CPU-seconds per
 image (this process and its descendants: DALI's threads live in the process, DataLoader workers are child
 processes), the peak resident memory of the process tree, and the files opened per timed epoch under --data
 by any process (inotify: what a shared file system's metadata server would serve). The ratio divides every

@@ -315,7 +315,7 @@ def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loa
     device = choose_device(config.dali_device, ctx)
     threads = config.dali_threads or default_threads(ctx)
     options = dict(batch_size=config.pass_batch, num_threads=threads, prefetch_queue_depth=config.dali_prefetch,
-                   device_id=ctx.local_rank if device == "gpu" else None, seed=config.seed)
+                   device_id=ctx.local_rank if device == "gpu" else None)
     size, layout, batch, prefetch = config.image_size, config.channels_last, config.pass_batch, config.dali_prefetch
     pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="image-read")
     train = DaliPass(EpochFeed(samples.train, batch, pool, seed=config.seed),

@@ -111,10 +111,6 @@ class PackedSamples:
     def label(self, index: int) -> int:
         return int(self._labels[index])
 
-    @property
-    def labels(self) -> list[int]:
-        return self._labels.tolist()
-
     def name(self, index: int) -> str:
         """How a message names the image: its path in the folder tree and the shard that holds it."""
         return f"{self.names[index]} in {self.files.paths[self.shard[index]]}"

@@ -23,14 +23,6 @@ class FileSamples:
     def label(self, index: int) -> int:
         return self.items[index][1]
 
-    @property
-    def labels(self) -> list[int]:
-        return [label for _, label in self.items]
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for path, _ in self.items]
-
     def name(self, index: int) -> str:
         """How a message names the image: its path."""
         return self.items[index][0]
