@@ -12,6 +12,7 @@ import sys
 
 from . import flags
 from .errors import UserError
+from .recipes import RECIPES
 
 COMMANDS = {  # name: (module holding COMMAND, one line of help)
     "train": ("hvd_imagenet.train", "train (run one process per GPU/worker: horovodrun, srun, mpirun)"),
@@ -52,16 +53,28 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
             commands.add_parser(name, help=help_text)
             continue
         command = importlib.import_module(module).COMMAND
-        sub = commands.add_parser(name, help=help_text, description=command.description or help_text)
+        sub = commands.add_parser(name, help=help_text, description=command.description or help_text,
+                                  epilog=command.epilog() if command.epilog else None,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         flags.add_flags(sub, command.options)
-        sub.set_defaults(command_spec=command)
+        sub.set_defaults(command_spec=command, command_parser=sub)
     return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The chosen command's flags; a --recipe (recipes.py) fills the defaults of the flags not given."""
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if getattr(args, "recipe", None):
+        args.command_parser.set_defaults(**{k: v for k, v in RECIPES[args.recipe].items() if hasattr(args, k)})
+        args = parser.parse_args(argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
+    args = parse(argv)
     status = 0
     try:
         command = args.command_spec

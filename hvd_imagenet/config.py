@@ -14,7 +14,9 @@ from .compression import COMPRESSIONS
 from .data import DALI_DEVICES, LOADERS
 from .errors import UserError
 from .flags import opt
+from .optimizers import OPTIMIZERS
 from .precision import PRECISIONS
+from .recipes import RECIPES
 from .schedule import LRPolicy
 from .watchdog import DEFAULT_TIMEOUT
 
@@ -39,15 +41,29 @@ class TrainConfig:
                     "(hvd-imagenet pack); %%n stands for the node's name (a node-local copy: hvd-imagenet stage)", "")
     output: str = opt("run directory: config.json, metrics.jsonl, checkpoints/", "")
     checkpoint_dir: str = opt("where checkpoints go (default: OUTPUT/checkpoints)", "")
+    recipe: str = opt(f"named defaults for the flags below: {', '.join(RECIPES)} (table below; explicit flags win)",
+                      "goyal2017", choices=tuple(RECIPES))
     arch: str = opt("any torchvision ResNet, or cifar_resnet8/14/20 (He et al. 2016, for small images; the study's)",
                     "resnet50")
     epochs: int = opt("training epochs (Sec. 5.1: 90)", 90, min=1)
     batch_size: int = opt("images per worker per step, n (Sec. 2.3: 32)", 32, min=1)
     lr: LRPolicy = dataclasses.field(default_factory=LRPolicy)
-    momentum: float = opt("SGD momentum (Sec. 5.1)", 0.9, min=0)
+    optimizer: str = opt(f"{', '.join(OPTIMIZERS)}: " + "; ".join(f"{k}: {v.help}" for k, v in OPTIMIZERS.items()),
+                         "sgd", choices=tuple(OPTIMIZERS))
+    momentum: float = opt("momentum (Sec. 5.1)", 0.9, min=0)
     nesterov: bool = opt("Nesterov momentum (Sec. 5.1)", True)
     weight_decay: float = opt("L2 weight decay lambda (Sec. 5.1)", 1e-4, min=0)
-    bn_weight_decay: bool = opt("also decay BN gamma/beta and biases", False)
+    bn_weight_decay: bool = opt("also decay BN gamma/beta and biases (with --optimizer lars: also adapt them)",
+                                False)
+    lars_eta: float = opt("--optimizer lars: trust coefficient eta (MLPerf's 0.001)", 0.001, above=0)
+    lars_epsilon: float = opt("--optimizer lars: epsilon in the trust ratio's denominator (MLPerf's 0)", 0.0,
+                              min=0)
+    label_smoothing: float = opt("training loss only: targets (1 - s) one-hot + s uniform (MLPerf's 0.1); val "
+                                 "loss and accuracy stay unsmoothed", 0.0, min=0, max=1)
+    noise_scale: bool = opt(
+        "estimate the gradient noise scale B_simple = tr(Sigma)/|G|^2 (McCandlish et al. 2018), the batch past "
+        "which steps stop getting better, per epoch in images: from each rank's first pass's gradient and the "
+        "step's averaged one (needs >= 2 ranks or --batches-per-allreduce >= 2)", True)
     zero_init_residual: bool = opt("gamma=0 in each block's last BN (Sec. 5.1)", True)
     image_size: int = opt("training crop and val center crop, px", 224, min=1)
     min_crop_area: float = opt(

@@ -17,6 +17,7 @@ import typing
 from dataclasses import field
 
 from .errors import UserError
+from .recipes import RECIPES
 
 
 def opt(help: str = "", default=dataclasses.MISSING, *, min=None, above=None, max=None, choices=None,
@@ -133,16 +134,28 @@ def from_args(cls, args: argparse.Namespace):
     return cls(**values)
 
 
-def to_argv(instance, names: tuple[str, ...] | None = None) -> list[str]:
+def field_defaults(cls) -> dict:
+    """Every field's default by name, nested dataclasses' fields too (as their flags are)."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        annotation = _types(cls)[f.name]
+        found.update(field_defaults(annotation) if dataclasses.is_dataclass(annotation) else {f.name: _default(f)})
+    return found
+
+
+def to_argv(instance, names: tuple[str, ...] | None = None, recipe: dict | None = None) -> list[str]:
     """The flags that rebuild `instance` through add_flags/from_args: the fields that differ from their
-    defaults (a readable command line), or exactly the fields `names` (nested dataclasses' fields too)."""
+    defaults, which its --recipe sets (a readable command line), or exactly the fields `names` (nested
+    dataclasses' fields too)."""
+    if recipe is None:
+        recipe = RECIPES.get(getattr(instance, "recipe", None), {})
     argv = []
     for f in dataclasses.fields(instance):
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(value):
-            argv += to_argv(value, names)
+            argv += to_argv(value, names, recipe)
             continue
-        wanted = f.name in names if names is not None else value != _default(f)
+        wanted = f.name in names if names is not None else value != recipe.get(f.name, _default(f))
         if not wanted or value is None:
             continue
         if isinstance(value, bool):
@@ -164,3 +177,4 @@ class Command:
     options: type  # a dataclass: its fields are the flags
     run: typing.Callable  # run(options) -> exit status or None (0)
     description: str = ""
+    epilog: typing.Callable[[], str] | None = None  # text after the flags in --help, as written

@@ -12,14 +12,19 @@ from pathlib import Path
 import torch
 
 
+# An epoch's sums: a batch's four, then a training step's gradient noise probe (noise_scale.py; zeros if none)
+SUMS = ("loss_sum", "top1_correct", "top5_correct", "count", "grad_sq_small", "grad_sq_big", "noise_probes")
+
+
 class EpochSums:
-    """[loss_sum, top1_correct, top5_correct, count] of one epoch: this rank's since the last fold, on the
-    device, plus `carried`, the sums of all ranks up to the last fold (the same on every rank; what a
-    checkpoint or an elastic commit keeps of a partial epoch)."""
+    """SUMS of one epoch: this rank's since the last fold, on the device, plus `carried`, the sums of all ranks
+    up to the last fold (the same on every rank; what a checkpoint or an elastic commit keeps of a partial
+    epoch; one written before the noise probe has its first four)."""
 
     def __init__(self, device: torch.device, carried: tuple[float, ...] | None = None):
-        self.carried = tuple(carried or (0.0,) * 4)
-        self.local = torch.zeros(4, dtype=torch.float64, device=device)
+        carried = tuple(carried or ())
+        self.carried = carried + (0.0,) * (len(SUMS) - len(carried))
+        self.local = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
 
     @staticmethod
     @torch.no_grad()
@@ -34,7 +39,8 @@ class EpochSums:
         ])
 
     def add(self, totals: torch.Tensor) -> None:
-        self.local += totals
+        """A batch's four sums (of_batch), or a step's SUMS."""
+        self.local[:totals.numel()] += totals
 
     def fold(self, name: str) -> tuple[float, ...]:
         """Add every rank's sums since the last fold to `carried` (a collective: every rank must call it)."""
@@ -51,8 +57,8 @@ class EpochSums:
 
 
 def summarize(sums: tuple[float, ...]) -> dict:
-    """Loss and accuracies in % from [loss_sum, top1_correct, top5_correct, count]."""
-    loss_sum, top1, top5, count = sums
+    """Loss and accuracies in % from the sums' first four (loss_sum, top1_correct, top5_correct, count)."""
+    loss_sum, top1, top5, count = sums[:4]
     if count == 0:
         return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images": 0}
     return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "images": int(count)}

@@ -1,4 +1,5 @@
-"""The learning-rate schedule of Goyal et al. (2017) as pure functions of the global iteration.
+"""The learning-rate schedule as pure functions of the global iteration: Goyal et al. (2017)'s, and the
+polynomial (MLPerf's ResNet-50) and cosine decays that recipes past its 8k use.
 
 No torch and no Horovod here: the trainer, `hvd-imagenet schedule` (below) and the tests call the same `lr_at`.
 
@@ -7,7 +8,11 @@ No torch and no Horovod here: the trainer, `hvd-imagenet schedule` (below) and t
                  = base_lr                         no scaling
     warmup       gradual: from base_lr, +constant every iteration, reaching the peak after warmup_epochs
                  constant: base_lr for warmup_epochs, then the peak (Sec. 2.2)
-    then         the peak x lr_decay at each epoch in lr_steps (x0.1 at 30, 60, 80 in the paper)
+                 linear: from 0 to the peak (MLPerf's: lr = peak x iteration / warmup iterations)
+    then, with t the iterations since warmup and T those left after it:
+      step       the peak x lr_decay at each epoch in lr_steps (x0.1 at 30, 60, 80 in the paper)
+      poly       end_lr + (peak - end_lr) (1 - t/T)^poly_power (MLPerf's: power 2, end_lr 1e-4)
+      cosine     end_lr + (peak - end_lr) (1 + cos(pi t/T)) / 2
 """
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ import sys
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .flags import Command, check, opt
+from .flags import Command, check, field_defaults, opt
+from .recipes import RECIPES, table
 
 SCALING_RULES = ("linear", "sqrt", "none")
-WARMUP_KINDS = ("gradual", "constant", "none")
+WARMUP_KINDS = ("gradual", "constant", "linear", "none")
+SCHEDULES = ("step", "poly", "cosine")
 
 
 @dataclass(frozen=True)
@@ -30,10 +37,15 @@ class LRPolicy:
     base_lr: float = opt("eta for a minibatch of --ref-batch (Sec. 2.1: 0.1)", 0.1, above=0)
     ref_batch: int = opt("the minibatch --base-lr is meant for (kn=256)", 256, min=1)
     lr_scaling: str = opt("peak lr rule: linear (Sec. 2.1), sqrt, none", "linear", choices=SCALING_RULES)
-    warmup: str = opt("gradual (Sec. 2.2), constant or none", "gradual", choices=WARMUP_KINDS)
+    warmup: str = opt("gradual (Sec. 2.2: from --base-lr), constant, linear (from 0: MLPerf's) or none", "gradual",
+                      choices=WARMUP_KINDS)
     warmup_epochs: float = opt("warmup length in epochs (Sec. 2.2: 5)", 5.0, min=0)
-    lr_steps: tuple[int, ...] = opt("epochs where lr x --lr-decay", (30, 60, 80))
-    lr_decay: float = opt("factor at each of --lr-steps (Sec. 5.1: 0.1)", 0.1, above=0, max=1)
+    lr_schedule: str = opt("after warmup: step (Sec. 5.1), poly (MLPerf's ResNet-50) or cosine", "step",
+                           choices=SCHEDULES)
+    lr_steps: tuple[int, ...] = opt("--lr-schedule step: epochs where lr x --lr-decay", (30, 60, 80))
+    lr_decay: float = opt("--lr-schedule step: factor at each of --lr-steps (Sec. 5.1: 0.1)", 0.1, above=0, max=1)
+    poly_power: float = opt("--lr-schedule poly: the power (MLPerf's: 2)", 2.0, above=0)
+    end_lr: float = opt("--lr-schedule poly, cosine: the lr at the last iteration (MLPerf's: 1e-4)", 1e-4, min=0)
 
     def __post_init__(self):
         if list(self.lr_steps) != sorted(set(self.lr_steps)) or any(s <= 0 for s in self.lr_steps):
@@ -56,24 +68,32 @@ def peak_lr(policy: LRPolicy, global_batch: int) -> float:
     return policy.base_lr
 
 
-def lr_at(policy: LRPolicy, iteration: int, iters_per_epoch: int, global_batch: int) -> float:
-    """The lr for optimizer step `iteration` (0-based, counted over the whole run).
+def lr_at(policy: LRPolicy, iteration: int, iters_per_epoch: int, global_batch: int, epochs: int = 0) -> float:
+    """The lr for optimizer step `iteration` (0-based, counted over the whole run of `epochs` epochs, which
+    --lr-schedule poly and cosine need).
 
-    Warmup starts at base_lr, the lr of the reference minibatch. When kn <= ref_batch the peak is not above
-    base_lr and there is nothing to warm up to, so warmup starts at the peak (a constant lr).
+    Gradual warmup starts at base_lr, the lr of the reference minibatch. When kn <= ref_batch the peak is not
+    above base_lr and there is nothing to warm up to, so it starts at the peak (a constant lr).
     """
     if iters_per_epoch < 1:
         raise ValueError(f"iters_per_epoch must be >= 1, not {iters_per_epoch}")
     peak = peak_lr(policy, global_batch)
-    warmup_iters = round(policy.warmup_epochs * iters_per_epoch)
-    if policy.warmup != "none" and iteration < warmup_iters:
-        start = min(policy.base_lr, peak)
+    warmup_iters = round(policy.warmup_epochs * iters_per_epoch) if policy.warmup != "none" else 0
+    if iteration < warmup_iters:
+        begin = 0.0 if policy.warmup == "linear" else min(policy.base_lr, peak)
         if policy.warmup == "constant":
-            return start
-        return start + (peak - start) * iteration / warmup_iters
-    epoch = iteration // iters_per_epoch
-    decays = sum(1 for step in policy.lr_steps if epoch >= step)
-    return peak * policy.lr_decay**decays
+            return begin
+        return begin + (peak - begin) * iteration / warmup_iters
+    if policy.lr_schedule == "step":
+        epoch = iteration // iters_per_epoch
+        decays = sum(1 for step in policy.lr_steps if epoch >= step)
+        return peak * policy.lr_decay**decays
+    if epochs < 1:
+        raise ValueError(f"--lr-schedule {policy.lr_schedule} needs the run's epochs")
+    decay_iters = max(1, epochs * iters_per_epoch - 1 - warmup_iters)  # the last iteration ends at end_lr
+    left = 1 - min(1.0, (iteration - warmup_iters) / decay_iters)
+    shape = left**policy.poly_power if policy.lr_schedule == "poly" else (1 - math.cos(math.pi * left)) / 2
+    return policy.end_lr + (peak - policy.end_lr) * shape
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,8 @@ class ScheduleOptions:
 
     world_size: int = opt("number of workers k", min=1)
     iters_per_epoch: int = opt("optimizer steps per epoch", min=1)
+    recipe: str = opt(f"named defaults: {', '.join(RECIPES)} (table below; explicit flags win)", "goyal2017",
+                      choices=tuple(RECIPES))
     batch_size: int = opt("images per worker n", 32, min=1)
     batches_per_allreduce: int = opt("passes per rank per step (train's)", 1, min=1)
     virtual_workers_per_pass: int = opt("virtual workers per pass (train's)", 1, min=1)
@@ -100,7 +122,12 @@ def run(options: ScheduleOptions) -> None:
     out.writerow(["iteration", "epoch", "lr"])
     for iteration in range(options.epochs * options.iters_per_epoch):
         out.writerow([iteration, f"{iteration / options.iters_per_epoch:.6f}",
-                      f"{lr_at(options.lr, iteration, options.iters_per_epoch, global_batch):.8g}"])
+                      f"{lr_at(options.lr, iteration, options.iters_per_epoch, global_batch, options.epochs):.8g}"])
 
 
-COMMAND = Command(ScheduleOptions, run)
+def recipes_help() -> str:
+    return "recipes (--recipe fills these defaults; a flag given explicitly wins):\n" + table(
+        field_defaults(ScheduleOptions))
+
+
+COMMAND = Command(ScheduleOptions, run, epilog=recipes_help)

@@ -2,8 +2,9 @@
 and `bench-train` times (NVIDIA DLE's train_step, apart from the loop).
 
     lr set -> per micro-batch: forward + loss under autocast, backward (Horovod's hooks start each gradient's
-    allreduce as it appears) -> synchronize() (wait for the averages) -> unscale (amp-fp16) -> clip
-    (--max-grad-norm) -> the finite check -> step, or skip with the BN statistics restored
+    allreduce as it appears; on the first, the noise probe takes this rank's gradient norms) -> synchronize()
+    (wait for the averages) -> unscale (amp-fp16) -> clip (--max-grad-norm) -> the finite check -> step
+    (optimizers/: SGD or LARS), or skip with the BN statistics restored
 
 A step returns what happened; the trainer decides what a skipped step means (skip on, or stop the run).
 Host synchronizations, each marked `# host sync` where it is: Horovod's synchronize(), and one of our own, the
@@ -21,6 +22,7 @@ from typing import Callable, Iterator
 import torch
 
 from .metrics import EpochSums
+from .noise_scale import NoiseProbe
 
 # Phases of a step, as `on_phase` names them when it ends (bench-train's columns):
 PHASES = ("data", "forward", "backward", "allreduce_wait", "optimizer")
@@ -29,7 +31,7 @@ PHASES = ("data", "forward", "backward", "allreduce_wait", "optimizer")
 @dataclass
 class StepResult:
     applied: bool  # False: NaN/inf in the averaged gradients (or GradScaler's overflow); weights untouched
-    sums: torch.Tensor  # [loss_sum, top1, top5, count] of this rank's micro-batches, on the device
+    sums: torch.Tensor  # metrics.SUMS of this rank's micro-batches and noise probe, on the device
     loss: torch.Tensor  # the last micro-batch's loss, on the device (read it only when printing: a host sync)
 
 
@@ -37,16 +39,21 @@ class TrainStep:
     """Built once per run; `step(batches, lr)` does one optimizer step on the next `micro_batches` of n.
 
     restore_bn: keep a copy of the BN running statistics before the forward passes, to put back when the
-    step is skipped (--skip-nonfinite, and amp-fp16's overflow skips). on_phase: called with a phase's name
-    when it ends (bench-train's clock); None costs one `if` per phase."""
+    step is skipped (--skip-nonfinite, and amp-fp16's overflow skips). label_smoothing: the training loss's
+    (validation's stays plain cross-entropy). noise_probe: measure the squared norms of the first pass's gradient
+    and of the averaged one (noise_scale.py). on_phase: called with a phase's name when it ends (bench-train's
+    clock); None costs one `if` per phase."""
 
     def __init__(self, model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, autocast,
                  micro_batches: int, max_grad_norm: float = 0.0, restore_bn: bool = False,
+                 label_smoothing: float = 0.0, noise_probe: bool = False,
                  on_phase: Callable[[str], None] | None = None):
         self.model, self.optimizer, self.scaler, self.autocast = model, optimizer, scaler, autocast
         self.micro_batches, self.max_grad_norm, self.on_phase = micro_batches, max_grad_norm, on_phase
-        self.criterion = torch.nn.CrossEntropyLoss()
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.bn = BNSnapshot(model) if restore_bn else None
+        self.probe = NoiseProbe(model) if noise_probe else None
+        self.no_probe = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
 
     def __call__(self, batches: Iterator, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
@@ -55,8 +62,10 @@ class TrainStep:
         if self.bn is not None:
             self.bn.take()
         sums = 0
-        for _ in range(self.micro_batches):
+        for index in range(self.micro_batches):
             images, target = next(batches)
+            if index == 0 and self.probe is not None:
+                self.probe.arm()  # this micro-batch's gradients, as they are accumulated in backward
             self._phase("data")
             with self.autocast:
                 output = self.model(images)  # BN statistics over this micro-batch's n images only (Sec. 2.3)
@@ -65,19 +74,33 @@ class TrainStep:
             # Mean over n here, / micro-batches, averaged over the k ranks by Horovod: the loss normalized by the
             # whole minibatch kn (Sec. 3, Remark 3). amp-fp16 scales it up first.
             self.scaler.scale(loss / self.micro_batches).backward()
+            if index == 0 and self.probe is not None:
+                self.probe.disarm()
             sums = sums + EpochSums.of_batch(output.float(), target, loss.float())
             self._phase("backward")
+        small = self.probe.squared_norm() if self.probe is not None else None  # the first pass's, this rank's
         self.optimizer.synchronize()  # Horovod: host sync; the gradients averaged over all ranks are in .grad now
         self._phase("allreduce_wait")
         self.scaler.unscale_(self.optimizer)  # amp-fp16: true gradients again, before clipping and the step
         norm = None
         if self.max_grad_norm:  # the total L2 norm before clipping, on the device: the finite check reuses it
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        elif small is not None or not self.scaler.is_enabled():
+            norm = total_norm(self.model)
+        probe = self.no_probe if small is None else self._probe_sums(small, norm)
         applied = self._apply(norm)
         if not applied and self.bn is not None:  # as if the step had not been: BN statistics as before
             self.bn.restore()
         self._phase("optimizer")
-        return StepResult(applied, sums, loss)
+        return StepResult(applied, torch.cat([sums, probe]), loss)
+
+    def _probe_sums(self, small: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """(|g_small|^2, |g_big|^2, 1) on the device. The first pass's gradient was of its loss / micro-batches
+        (and x the loss scale under amp-fp16): undo both."""
+        small = small * self.micro_batches**2
+        if self.scaler.is_enabled():
+            small = small / self.scaler._get_scale_async().double().square().squeeze()
+        return torch.stack([small, norm.double().square(), torch.ones_like(small)])
 
     def _apply(self, norm: torch.Tensor | None) -> bool:
         """The optimizer step with the averaged gradients if they are finite; whether it was taken. Every rank
@@ -91,7 +114,7 @@ class TrainStep:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 return applied
-            if not gradients_finite(self.model, norm):  # host sync: the step's one
+            if not bool(norm.isfinite()):  # host sync: the step's one (NaN/inf carry through the norm)
                 return False
             self.optimizer.step()
             return True
@@ -123,16 +146,13 @@ class BNSnapshot:
             torch._foreach_copy_(buffers, saved)
 
 
-def gradients_finite(model: torch.nn.Module, norm: torch.Tensor | None = None) -> bool:
-    """Whether every gradient entry is finite, from their total L2 norm (`norm` when clipping computed it):
-    NaN and inf carry through the sums of squares. A few fused kernels (torch's foreach norm), not two per
-    tensor. A norm that overflows float32 (entries near 1e19) counts as non-finite too: divergence all the same.
-    After the allreduce a NaN or inf from any rank's loss is in every rank's averaged gradients, so all ranks
-    reach the same verdict without another collective."""
-    if norm is None:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None],
-                                             foreach=True)
-    return bool(norm.isfinite())  # host sync, as GradScaler's
+def total_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of all gradients together, on the device: a few fused kernels (torch's foreach norm), not two
+    per tensor. The finite check reads it: NaN and inf carry through the sums of squares, and a norm that
+    overflows float32 (entries near 1e19) counts as non-finite too, divergence all the same. After the allreduce
+    a NaN or inf from any rank's loss is in every rank's averaged gradients, so all ranks reach the same verdict
+    without another collective."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], foreach=True)
 
 
 class PhaseClock:

@@ -25,16 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, comm, gpu
+from . import checkpoint, comm, gpu, recipes
 from .checkpoint import Checkpoint, Progress
 from .config import TrainConfig
 from .context import DistContext
 from .data import LOADERS, Loaders, build_loaders, check_data
 from .data.stage import node_path
 from .errors import Diverged, UserError
-from .flags import Command
+from .flags import Command, field_defaults
 from .metrics import EpochSums, RunWriter, format_table, read_metrics, summarize
-from .model import build_model, parameter_groups, weights_digest
+from .model import build_model, weights_digest
+from .noise_scale import estimate as noise_estimate
+from .optimizers import build_optimizer
 from .precision import autocast
 from .progress import EpochProgress
 from .schedule import lr_at, peak_lr
@@ -97,30 +99,35 @@ def main(config: TrainConfig) -> None:
 
 
 def build_training(config: TrainConfig, num_classes: int, device: torch.device):
-    """The model (zero-init residual gamma), Nesterov SGD without weight decay on BN/bias (Sec. 5.1) wrapped
-    by Horovod for --compression, and the loss scaler (amp-fp16: fp16's narrow range needs it)."""
+    """The model (zero-init residual gamma), the optimizer (--optimizer: the paper's Nesterov SGD without weight
+    decay on BN/bias, Sec. 5.1, or LARS) wrapped by Horovod for --compression, and the loss scaler (amp-fp16:
+    fp16's narrow range needs it)."""
     torch.manual_seed(config.seed)
     model = build_model(config.arch, num_classes, config.zero_init_residual, config.virtual_workers_per_pass).to(device)
     if config.channels_last:  # NHWC weights as well as batches: no layout conversion at any convolution
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(  # lr 0 until the schedule sets it at the first step
-        parameter_groups(model, config.weight_decay, config.bn_weight_decay),
-        lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
-    )
     optimizer = comm.distributed_optimizer(
-        optimizer, model, config.compression, config.batches_per_allreduce, config.gradient_predivide_factor,
+        build_optimizer(config, model), model, config.compression, config.batches_per_allreduce, config.gradient_predivide_factor,
         comm.PowerSGDSettings(rank=config.powersgd_rank, start_step=config.powersgd_start_step, seed=config.seed))
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "amp-fp16")
     return model, optimizer, scaler
 
 
-def build_step(config: TrainConfig, model, optimizer, scaler, device: torch.device, on_phase=None) -> TrainStep:
+def build_step(config: TrainConfig, model, optimizer, scaler, ctx: DistContext, on_phase=None) -> TrainStep:
     """The optimizer step `train` runs (and bench-train times): config.batches_per_allreduce passes of V x n,
-    autocast for --precision; the BN statistics kept to restore when a step is skipped (--skip-nonfinite, and
-    amp-fp16's overflow skips)."""
-    return TrainStep(model, optimizer, scaler, autocast(config.precision, device), config.batches_per_allreduce,
+    autocast for --precision, --label-smoothing; the BN statistics kept to restore when a step is skipped
+    (--skip-nonfinite, and amp-fp16's overflow skips); the noise probe where it can tell two batch sizes."""
+    return TrainStep(model, optimizer, scaler, autocast(config.precision, ctx.device), config.batches_per_allreduce,
                      config.max_grad_norm, restore_bn=config.skip_nonfinite or scaler.is_enabled(),
+                     label_smoothing=config.label_smoothing, noise_probe=noise_probe(config, ctx.size),
                      on_phase=on_phase)
+
+
+def noise_probe(config: TrainConfig, ranks: int) -> bool:
+    """Whether --noise-scale can be measured: a pass's gradient must be smaller than the step's (>= 2 ranks or
+    passes), and the averaged gradient exact (PowerSGD's is a low-rank approximation)."""
+    return (config.noise_scale and ranks * config.batches_per_allreduce > 1
+            and config.compression != "powersgd")
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, model, optimizer, scaler, world: World, checkpoints: Path,
                  output: Path, stop: "StopRequest", watchdog: Watchdog, epochs_done: int):
         self.config, self.model, self.optimizer, self.scaler, self.world = config, model, optimizer, scaler, world
-        self.step = build_step(config, model, optimizer, scaler, world.ctx.device)
+        self.step = build_step(config, model, optimizer, scaler, world.ctx)
         self.checkpoints, self.output, self.stop, self.watchdog = checkpoints, output, stop, watchdog
         self.checkpoint_writer = checkpoint.AsyncWriter(  # used on rank 0; the watchdog learns when a write is done
             checkpoints, config.keep_checkpoints, on_written=lambda path: watchdog.checkpoint_saved(str(path), True))
@@ -189,6 +196,12 @@ class Trainer:
             log.info("virtual workers: %d per pass (%d images, BN over each %d), %d pass(es) per step",
                      config.virtual_workers_per_pass, config.pass_batch, config.batch_size,
                      config.batches_per_allreduce)
+        lr = config.lr
+        log.info("recipe %s: %s, %s warmup %g epochs, %s schedule, label smoothing %g; noise scale %s",
+                 config.recipe, config.optimizer, lr.warmup, lr.warmup_epochs, lr.lr_schedule, config.label_smoothing,
+                 f"from passes of {config.pass_batch} and steps of {w.global_batch} images"
+                 if self.step.probe is not None else "not measured (--noise-scale needs >= 2 ranks or passes, no "
+                 "PowerSGD)" if config.noise_scale else "off")
         log.info("input: %s", w.loaders.description)
         if w.ctx.device.type == "cuda":
             log.info("GPU: %s", gpu.describe(w.ctx.device))
@@ -299,7 +312,7 @@ class Trainer:
         received = None
         for step in range(first_step, steps):
             # Gradual warmup, then the step schedule, as a function of the global iteration (Sec. 2.2).
-            lr = lr_at(config.lr, epoch * steps + step, steps, w.global_batch)
+            lr = lr_at(config.lr, epoch * steps + step, steps, w.global_batch, config.epochs)
             result = self.step(micro_batches, lr)
             self.watchdog.step_done(epoch, step, steps)  # attribute stores: no sync
             if result.applied:
@@ -359,7 +372,7 @@ class Trainer:
         clock.lap("bn_average")
         val = None
         if (epoch + 1) % config.eval_every == 0 or last:
-            val = evaluate(self.model, self.step.criterion, w.loaders.val, w.ctx.device, self.step.autocast,
+            val = evaluate(self.model, w.loaders.val, w.ctx.device, self.step.autocast,
                            on_batch=lambda: self.watchdog.progress("evaluation"))
             val["seconds"] = clock.lap("evaluation")
         digests = comm.gather_digests(weights_digest(self.model))  # every rank must hold the same model
@@ -378,19 +391,22 @@ class Trainer:
         """Rank 0: the epoch's line of metrics.jsonl (and TensorBoard; val_* are null when the epoch was not
         evaluated), and one log line."""
         w, epoch, steps = self.world, state.epoch, self.world.steps_per_epoch
+        noise = noise_estimate(state.sums[4:7], self.config.pass_batch, w.global_batch)
         self.writer.epoch({
-            "epoch": epoch + 1, "lr": lr_at(self.config.lr, (epoch + 1) * steps - 1, steps, w.global_batch),
+            "epoch": epoch + 1,
+            "lr": lr_at(self.config.lr, (epoch + 1) * steps - 1, steps, w.global_batch, self.config.epochs),
             "train_loss": train["loss"], "train_top1": train["top1"], "train_images": train["images"],
             "evaluated": val is not None,
             **{f"val_{key}": val[key] if val else None for key in ("loss", "top1", "top5", "images", "seconds")},
             "images_per_sec": train["images"] / state.seconds, "epoch_seconds": state.seconds,
             "world_size": w.ctx.size, "global_batch": w.global_batch, "steps": (epoch + 1) * steps,
-            "skipped_steps": state.skipped, "weights_digests": digests, "boundary_seconds": boundary,
+            "skipped_steps": state.skipped, "weights_digests": digests, "boundary_seconds": boundary, **noise,
         })
         evaluated = (f"val loss {val['loss']:.4f} top1 {val['top1']:.2f}% top5 {val['top5']:.2f}%" if val
                      else f"not evaluated (--eval-every {self.config.eval_every})")
-        log.info("epoch %d/%d: train loss %.4f top1 %.2f%% | %s | %.1f s", epoch + 1, self.config.epochs,
-                 train["loss"], train["top1"], evaluated, state.seconds)
+        noise_text = f" | noise scale {noise['noise_scale']:.0f} img" if noise["noise_scale"] is not None else ""
+        log.info("epoch %d/%d: train loss %.4f top1 %.2f%% | %s%s | %.1f s", epoch + 1, self.config.epochs,
+                 train["loss"], train["top1"], evaluated, noise_text, state.seconds)
 
     def report_stop(self, received: str, state, path: Path | None) -> None:
         """Rank 0 says where the run stopped and writes stopped.json (what the sbatch script requeues on)."""
@@ -441,15 +457,15 @@ class StopRequest:
 
 
 @torch.no_grad()
-def evaluate(model, criterion, batches, device: torch.device, autocast, on_batch) -> dict:
-    """This rank's shard of val; the sums over all ranks count every val image exactly once. on_batch() after
-    each batch."""
+def evaluate(model, batches, device: torch.device, autocast, on_batch) -> dict:
+    """This rank's shard of val, with the plain cross-entropy loss (no label smoothing); the sums over all ranks
+    count every val image exactly once. on_batch() after each batch."""
     model.eval()
     sums = EpochSums(device)
     for images, target in batches:
         with autocast:
             output = model(images)
-            loss = criterion(output, target)
+            loss = torch.nn.functional.cross_entropy(output, target)
         sums.add(EpochSums.of_batch(output.float(), target, loss.float()))
         on_batch()
     return sums.reduce("val_sums")
@@ -546,4 +562,9 @@ def command(config: TrainConfig) -> int:
     return 0
 
 
-COMMAND = Command(TrainConfig, command)
+def recipes_help() -> str:
+    return "recipes (--recipe fills these defaults; a flag given explicitly wins):\n" + recipes.table(
+        field_defaults(TrainConfig))
+
+
+COMMAND = Command(TrainConfig, command, epilog=recipes_help)

@@ -49,29 +49,31 @@ def test_the_counter_charges_each_sync_to_its_call_site_in_the_package():
     assert site.startswith("hvd_imagenet/model.py:") and "(weights_digest): item" in site
 
 
-CASES = [("fp32", "synthetic", "none"), ("amp-bf16", "synthetic", "none"), ("amp-fp16", "synthetic", "none"),
-         ("fp32", "dali", "none"), ("amp-bf16", "dali", "none"), ("amp-fp16", "dali", "none"),
-         ("fp32", "synthetic", "powersgd")]
+CASES = [("fp32", "synthetic", "none", "sgd"), ("amp-bf16", "synthetic", "none", "sgd"),
+         ("amp-fp16", "synthetic", "none", "sgd"), ("fp32", "dali", "none", "sgd"), ("amp-bf16", "dali", "none", "sgd"),
+         ("amp-fp16", "dali", "none", "sgd"), ("fp32", "synthetic", "powersgd", "sgd"),
+         ("fp32", "synthetic", "none", "lars"), ("amp-fp16", "synthetic", "none", "lars")]
 
 
-def step_syncs(data, precision: str, loader: str, compression: str, np: int, *flags: str) -> dict:
+def step_syncs(data, precision: str, loader: str, compression: str, np: int, *flags: str,
+               optimizer: str = "sgd") -> dict:
     """bench-train --count-syncs 3 as a command: the host syncs of steady-state steps of the real step unit (the
     one `train` runs), 2 micro-batches of n per step (a per-micro-batch sync shows twice), NHWC weights and
     batches. 3 counted steps after 2 others, all within the first epoch of tiny_data (24 images per rank at
-    2 ranks, 4 per step: 6 steps)."""
+    2 ranks, 4 per step: 6 steps). The noise probe is on (train's default), LARS where asked."""
     done = run_cli("bench-train", "--backend", "horovod", "--np", str(np), "--compression", compression,
                    "--powersgd-start-step", "0", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2",
                    "--batches-per-allreduce", "2", "--loader", loader, "--data", data, "--precision", precision,
-                   "--layout", "nhwc", "--steps", "1", "--warmup", "1", "--repeats", "1", "--count-syncs", "3",
+                   "--layout", "nhwc", "--optimizer", optimizer, "--steps", "1", "--warmup", "1", "--repeats", "1", "--count-syncs", "3",
                    "--json", *flags, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(done.stdout)["rows"][0]["host_syncs"]
 
 
-@pytest.mark.parametrize("precision, loader, compression", CASES)
-def test_training_step_stays_within_the_host_sync_budget(tiny_data, precision, loader, compression):
+@pytest.mark.parametrize("precision, loader, compression, optimizer", CASES)
+def test_training_step_stays_within_the_host_sync_budget(tiny_data, precision, loader, compression, optimizer):
     """On 2 Gloo ranks, one core each: at most the budget, and exactly the finite check."""
-    syncs = step_syncs(tiny_data, precision, loader, compression, 2, "--threads", "1")
+    syncs = step_syncs(tiny_data, precision, loader, compression, 2, "--threads", "1", optimizer=optimizer)
     assert syncs["steps"] == 3 and syncs["budget_per_step"] == host_sync.SYNC_BUDGET
     assert syncs["per_step"] <= host_sync.SYNC_BUDGET, f"over budget: {syncs['sites']}"
     assert syncs["per_step"] == 1  # the finite check: every step must know whether it was applied

@@ -73,7 +73,7 @@ def measure_boundary(loaders, model, optimizer, writer, directory: Path, epoch: 
     epoch is started first (train's finish_epoch), so its first batch decodes meanwhile; its wait is
     measured in an epoch without evaluation, where the least time passes before it."""
     def evaluation():
-        evaluate(model, torch.nn.CrossEntropyLoss(), loaders.val, device, autocast("fp32", device), lambda: None)
+        evaluate(model, loaders.val, device, autocast("fp32", device), lambda: None)
         model.train()
 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": 0,

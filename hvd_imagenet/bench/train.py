@@ -2,7 +2,8 @@
 
 The step timed is training's own (step.TrainStep: lr, forward and loss under autocast, backward,
 synchronize, unscale, clipping, the finite check, the step). `--backend none` runs it in this process on one
-device with plain SGD and no communication at all (no Horovod needed: a GPU machine's first check).
+device with training's optimizer and no communication at all (no Horovod needed: a GPU machine's first check).
+--optimizer sgd,lars times each optimizer (optimizers/) side by side; "vs sgd" is the step time's ratio.
 
 By default the timed steps run back to back as in training: on a GPU, a CUDA event before the first and after
 the last, one device sync at the end; step time = elapsed / steps. With --phases, a clock at each phase
@@ -13,7 +14,7 @@ boundary instead (each one synchronizes the device, so the steps run slower than
                   reducer allreduces its buckets here too and waits for the last one before returning
   allreduce_wait  optimizer.synchronize(): Horovod only, the wait for allreduces that backprop did not hide
                   (PowerSGD: all of its compression and its allreduces, which start after backprop)
-  optimizer       unscale, the finite check (or GradScaler's) and the SGD step
+  optimizer       unscale, the finite check (or GradScaler's) and the optimizer's step (SGD or LARS)
 On each rank: `warmup` untimed steps, then `steps` timed ones. Rank 0 reports the step time (with --phases the
 median of each phase); img/s per worker (per rank) is V x n x batches-per-allreduce / step time. With
 --count-syncs N, N more steps run without the clock and count the step's host synchronizations by call site
@@ -41,7 +42,8 @@ from ..data import LOADERS, build_loaders
 from ..errors import UserError
 from ..flags import Command, check, opt
 from ..gpu import device_name, rank_device
-from ..model import build_model, parameter_groups
+from ..model import build_model
+from ..optimizers import OPTIMIZERS, build_optimizer
 from ..precision import PRECISIONS, autocast
 from ..step import PHASES, PhaseClock, TrainStep
 from . import launch
@@ -49,7 +51,7 @@ from .launch import LaunchOptions, launcher_rank_and_size
 
 BACKENDS = ("horovod", "ddp", "none")  # none: one process, no communication (np 1 only)
 LAYOUTS = ("nchw", "nhwc")  # nhwc: train --channels-last (weights and batches in channels_last)
-CASE = ("backend", "compression", "precision", "layout")  # what a row is, beside its ranks
+CASE = ("backend", "compression", "precision", "layout", "optimizer")  # what a row is, beside its ranks
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class TrainBenchOptions:
     precision: tuple[str, ...] = opt("train's --precision, one run each", ("fp32",), choices=tuple(PRECISIONS))
     layout: tuple[str, ...] = opt("memory format of weights and batches, one run each (nhwc: train --channels-last)",
                                   ("nchw",), choices=LAYOUTS)
+    optimizer: tuple[str, ...] = opt("train's --optimizer, one run each", ("sgd",), choices=tuple(OPTIMIZERS))
     powersgd_rank: int = opt("PowerSGD's rank r", train_default("powersgd_rank"), min=1)
     powersgd_start_step: int = opt(
         "0: compressed from the first step (DDP's hook needs 2 plain steps: within --warmup)", 0, min=0)
@@ -91,10 +94,10 @@ class TrainBenchOptions:
     def train_config(self) -> TrainConfig:
         """The training config of one rank's run (its case: the first of each list), from the flags the two
         share."""
-        mine = {f.name for f in dataclasses.fields(self)} - {"compression", "precision"}  # one of each per run
+        mine = {f.name for f in dataclasses.fields(self)} - {"compression", "precision", "optimizer"}  # one each
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig) if f.name in mine}
         return TrainConfig(**shared, output="(bench-train writes nothing)", val_resize=self.image_size,
-                           compression=self.compression[0], precision=self.precision[0],
+                           compression=self.compression[0], precision=self.precision[0], optimizer=self.optimizer[0],
                            channels_last=self.layout[0] == "nhwc", workers=self.threads, dali_threads=self.threads)
 
 
@@ -121,29 +124,26 @@ def start_ranks(backend: str, config: TrainConfig, threads: int) -> DistContext:
     return ctx
 
 
-class LocalOptimizer(torch.optim.SGD):
-    """SGD with Horovod's DistributedOptimizer interface, for TrainStep under DDP (DDP's reducer averaged the
-    gradients inside backward) and alone (one worker): there is nothing to synchronize."""
-
-    def synchronize(self) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def skip_synchronize(self):
-        yield
+def local_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Training's optimizer (build_optimizer) with Horovod's DistributedOptimizer interface, for TrainStep under
+    DDP (DDP's reducer averaged the gradients inside backward) and alone (one worker): nothing to synchronize."""
+    optimizer = build_optimizer(config, model)
+    optimizer.synchronize = lambda: None
+    optimizer.skip_synchronize = contextlib.nullcontext
+    return optimizer
 
 
 def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes: int) -> TrainStep:
     """The training step under one backend: training's own model, optimizer and scaler (Horovod), or DDP with
-    the comm hook that matches --compression (compression.COMPRESSIONS) and plain SGD, or the model alone with
-    plain SGD (none)."""
+    the comm hook that matches --compression (compression.COMPRESSIONS) and training's optimizer, or the model
+    alone with training's optimizer (none)."""
     if backend == "horovod":
         from .. import comm
         from ..train import build_step as training_step, build_training
 
         model, optimizer, scaler = build_training(config, num_classes, ctx.device)
         comm.broadcast_state(model, optimizer, resumed=False)
-        return training_step(config, model, optimizer, scaler, ctx.device)
+        return training_step(config, model, optimizer, scaler, ctx)
     model = build_model(config.arch, num_classes, config.zero_init_residual, config.virtual_workers_per_pass)
     model = model.to(ctx.device)
     if config.channels_last:
@@ -152,8 +152,7 @@ def build_step(backend: str, config: TrainConfig, ctx: DistContext, num_classes:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
         COMPRESSIONS[config.compression].register_ddp_hook(model, config.powersgd_rank)
-    optimizer = LocalOptimizer(parameter_groups(model, config.weight_decay, config.bn_weight_decay), lr=0.0,
-                             momentum=config.momentum, nesterov=config.nesterov)
+    optimizer = local_optimizer(config, model)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.precision == "amp-fp16")
     return TrainStep(model, optimizer, scaler, autocast(config.precision, ctx.device), config.batches_per_allreduce,
                      restore_bn=scaler.is_enabled())
@@ -250,6 +249,7 @@ def report(backend: str, config: TrainConfig, ctx: DistContext, input_descriptio
         "virtual_workers_per_pass": config.virtual_workers_per_pass,
         "image_size": config.image_size, "loader": config.loader, "input": input_description,
         "precision": config.precision, "layout": LAYOUTS[config.channels_last], "compression": config.compression,
+        "optimizer": config.optimizer,
         "steps": steps, "warmup": warmup, "step_seconds": step,
         "timing": "phases" if timings else "events" if ctx.device.type == "cuda" else "wall clock",
         "phases": {p: statistics.median(v) for p, v in timings.items()} if timings else None,
@@ -263,8 +263,8 @@ def run(options: TrainBenchOptions) -> None:
         if options.backend == ("none",):
             raise UserError("--backend none runs alone, in this process: run it as a command, not under a launcher")
         if any(len(getattr(options, name)) > 1 for name in CASE) or options.launch.link != "loopback":
-            raise UserError("under a launcher, bench-train measures one --backend, --compression, --precision and "
-                            "--layout on the launcher's ranks (no --link); as a command it runs each combination "
+            raise UserError("under a launcher, bench-train measures one --backend, --compression, --precision, "
+                            "--layout and --optimizer on the launcher's ranks (no --link); as a command it runs each combination "
                             "itself")
         result = bench_train(options.backend[0], options.train_config(), options.steps, options.warmup,
                              options.threads, options.count_syncs, options.phases)
@@ -276,7 +276,7 @@ def run(options: TrainBenchOptions) -> None:
 
 
 def drive(options: TrainBenchOptions) -> dict:
-    """As a command: every (np, backend, compression, precision, layout) case `repeats` times, interleaved (a
+    """As a command: every (np, backend, compression, precision, layout, optimizer) case `repeats` times, interleaved (a
     slow moment of the machine hits every case alike), each on its own horovodrun."""
     from tqdm import tqdm
 
@@ -312,9 +312,9 @@ def drive(options: TrainBenchOptions) -> dict:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per case (backend, compression, precision, layout) and ranks: medians over the repeats;
-    weak-scaling efficiency against the same case at the fewest ranks; step time relative to DDP, and to no
-    compression, with the rest of the case the same."""
+    """One row per case (backend, compression, precision, layout, optimizer) and ranks: medians over the
+    repeats; weak-scaling efficiency against the same case at the fewest ranks; step time relative to DDP, to no
+    compression and to SGD, with the rest of the case the same."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault((*(run[name] for name in CASE), run["ranks"]), []).append(run)
@@ -338,11 +338,12 @@ def summarize(runs: list[dict]) -> list[dict]:
         row["weak_scaling_efficiency"] = row["images_per_sec_per_worker"] / like(row, ranks=fewest)[
             "images_per_sec_per_worker"]
         row["weak_scaling_from_ranks"] = fewest
-        for key, other in (("step_vs_ddp", like(row, backend="ddp")), ("step_vs_none", like(row, compression="none"))):
+        for key, other in (("step_vs_ddp", like(row, backend="ddp")), ("step_vs_none", like(row, compression="none")),
+                           ("step_vs_sgd", like(row, optimizer="sgd"))):
             if other:
                 row[key] = row["step_seconds"] / other["step_seconds"]
     return sorted(rows, key=lambda r: (r["backend"] != "horovod", r["compression"], r["precision"], r["layout"],
-                                       r["ranks"]))
+                                       r["optimizer"] != "sgd", r["optimizer"], r["ranks"]))
 
 
 def format_report(report: dict) -> str:
@@ -354,18 +355,20 @@ def format_report(report: dict) -> str:
     lines = [f"bench-train: {first['arch']}, {passes} x {first['batches_per_allreduce']} pass(es), "
              f"{first['image_size']} px, {first['loader']} data, {first['device']}, {where}; median of "
              f"{report['repeats']} repeats x {first['steps']} steps (ms)",
-             f"{'backend':<8} {'compress':<9} {'precision':<9} {'layout':<6} {'ranks':>5} {'step':>7} "
+             f"{'backend':<8} {'compress':<9} {'precision':<9} {'layout':<6} {'optim':<5} {'ranks':>5} {'step':>7} "
              + " ".join(f"{p[:9]:>9}" for p in PHASES) + f" {'img/s/wkr':>9} {'weak scl':>8} {'vs ddp':>7} "
-             f"{'vs none':>7}"]
+             f"{'vs none':>7} {'vs sgd':>7}"]
     for r in report["rows"]:
         phases = " ".join(f"{1000 * r['phases'][p]:>9.1f}" if r["phases"] else f"{'-':>9}" for p in PHASES)
         vs_ddp = f"{r['step_vs_ddp']:.2f}x" if "step_vs_ddp" in r else "-"
         vs_none = f"{r['step_vs_none']:.2f}x" if "step_vs_none" in r else "-"
-        lines.append(f"{r['backend']:<8} {r['compression']:<9} {r['precision']:<9} {r['layout']:<6} {r['ranks']:>5} "
-                     f"{1000 * r['step_seconds']:>7.1f} {phases} {r['images_per_sec_per_worker']:>9.1f} "
-                     f"{100 * r['weak_scaling_efficiency']:>7.1f}% {vs_ddp:>7} {vs_none:>7}")
-    lines.append("weak scl: img/s per worker vs the same case at the fewest ranks; vs ddp / vs none: step time "
-                 "ratio (< 1: faster); step: " + ("per phase, a device sync at each boundary (--phases)"
+        vs_sgd = f"{r['step_vs_sgd']:.3f}x" if "step_vs_sgd" in r else "-"
+        lines.append(f"{r['backend']:<8} {r['compression']:<9} {r['precision']:<9} {r['layout']:<6} "
+                     f"{r['optimizer']:<5} {r['ranks']:>5} {1000 * r['step_seconds']:>7.1f} {phases} "
+                     f"{r['images_per_sec_per_worker']:>9.1f} {100 * r['weak_scaling_efficiency']:>7.1f}% {vs_ddp:>7} "
+                     f"{vs_none:>7} {vs_sgd:>7}")
+    lines.append("weak scl: img/s per worker vs the same case at the fewest ranks; vs ddp / vs none / vs sgd: step "
+                 "time ratio (< 1: faster); step: " + ("per phase, a device sync at each boundary (--phases)"
                                                   if first["phases"] else f"{first['timing']}, steps back to back"))
     for r in report["rows"]:
         if r["host_syncs"]:
