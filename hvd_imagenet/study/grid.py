@@ -13,6 +13,13 @@ The paper -> here (Scale's defaults; make-dataset --kind cluttered-digits):
     ResNet-50, ImageNet, 224 px      -> cifar_resnet14 (0.18M parameters), 28,760 cluttered digits, 16 px crops
     1.28M images, kn=8k reads 0.64%  -> the large kn reads 0.89% of the training set per step
     ~14k steps at 8k                 -> 112 steps per epoch at the large kn: 1,008 steps
+
+Past the paper's limit (--preset beyond; fig1 found kn = 256, 32x, the last kn within 1 point), three recipes at
+kn = 256 to 2,048 (RECIPES below): the paper's SGD; MLPerf's ResNet-50 recipe (LARS, label smoothing 0.1, linear
+warmup, poly decay), its lr mapped to the study as eta is (x0.2, for a kn 1/32 of the paper's); and the same
+recipe with SGD at the paper's lr, which separates the optimizer from the rest. Each recipe's peak lr x0.5 and x2
+at the largest kn, where a recipe that fails anywhere fails, so that a failure is not a bad lr. Every run
+measures the gradient noise scale (two passes per step: B_small = kn / 2).
 """
 from __future__ import annotations
 
@@ -59,18 +66,50 @@ class Scale:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """What a beyond row trains with besides kn: the optimizer, the loss and the schedule, and where its lr
+    comes from (`lr`: the paper's eta, or MLPerf's peak lr at its batch, both mapped to the study)."""
+
+    name: str
+    optimizer: str = "sgd"
+    label_smoothing: float = 0.0
+    lr_schedule: str = "step"
+    warmup: str = "gradual"
+    lr: str = "paper"  # "paper": eta at the small kn, linear rule; "mlperf": 11.0 at 3,200, x0.2 and kn / 32
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+
+
+MLPERF_LR, MLPERF_BATCH, MLPERF_END_LR = 11.0, 3200, 1e-4  # NVIDIA's v4.0 8x8x50 (recipes.py)
+PAPER_ETA = 0.1  # for kn = 256 (Sec. 2.1)
+RECIPES = {
+    "sgd": Recipe("SGD, linear rule, gradual warmup, steps (the paper's)"),
+    "lars": Recipe("LARS, label smoothing 0.1, linear warmup, poly 2 (MLPerf's)", optimizer="lars",
+                   label_smoothing=0.1, lr_schedule="poly", warmup="linear", lr="mlperf", weight_decay=5e-5,
+                   nesterov=False),
+    "sgd-poly": Recipe("SGD, label smoothing 0.1, linear warmup, poly 2 (MLPerf's, SGD at the paper's lr)",
+                       label_smoothing=0.1, lr_schedule="poly", warmup="linear", weight_decay=5e-5, nesterov=False),
+}
+
+
+@dataclass(frozen=True)
 class Setting:
-    """One row of the paper's tables or one point of its Fig. 1: a minibatch size, an lr rule and a warmup."""
+    """One row of the paper's tables or one point of its Fig. 1: a minibatch size, an lr rule and a warmup
+    (and for --preset beyond, a recipe)."""
 
     key: str  # the run directories' name: runs/<key>-seed<s>
     factor: int = 1  # kn / the small kn, by more virtual workers
     warmup: str = "none"
     lr_scaling: str = "linear"
-    eta_factor: float = 1.0  # x Scale.eta (Table 2a's 0.05 / 0.1 / 0.2)
+    eta_factor: float = 1.0  # x Scale.eta (Table 2a's 0.05 / 0.1 / 0.2), x the recipe's lr (beyond's sweep)
     paper: str = ""  # the paper's top-1 val error for this row (ResNet-50 on ImageNet, mean ± std of 5 runs)
+    recipe: str = "sgd"  # a key of RECIPES
 
     def label(self, scale: Scale) -> str:
-        """'kn=256, eta=0.02x32, gradual warmup', as the paper writes its rows."""
+        """'kn=256, eta=0.02x32, gradual warmup', as the paper writes its rows (beyond: the recipe's key)."""
+        if beyond_run(self):
+            times = f", lr x{self.eta_factor:g}" if self.eta_factor != 1 else ""
+            return f"kn={global_batch(self, scale)}, {self.recipe}{times}"
         eta = f"{self.eta_factor * scale.eta:g}"
         factor = {"linear": f"x{self.factor}", "sqrt": f"xsqrt({self.factor})", "none": ""}
         lr = f"{eta}{factor[self.lr_scaling]}" if self.factor > 1 else eta
@@ -109,9 +148,22 @@ def quick(scale: Scale) -> tuple[Setting, ...]:
     return BASELINE, table1(scale)[-1]
 
 
+BEYOND_FACTORS = (1, 2, 4, 8)  # x the large kn (fig1's limit here): kn 256 to 2,048 at the default scale
+
+
+def beyond(scale: Scale) -> tuple[Setting, ...]:
+    """The baseline, each recipe at kn = large kn x BEYOND_FACTORS, then each recipe's lr x0.5 and x2 at the
+    largest kn."""
+    factors = [scale.large_factor * f for f in BEYOND_FACTORS]
+    grid = [Setting(f"beyond-{r}-x{f}", f, warmup=RECIPES[r].warmup, recipe=r) for r in RECIPES for f in factors]
+    sweep = [Setting(f"beyond-{r}-x{factors[-1]}-lr{m:g}", factors[-1], warmup=RECIPES[r].warmup, recipe=r,
+                     eta_factor=m) for r in RECIPES for m in (0.5, 2.0)]
+    return (Setting("beyond-sgd-x1", paper="23.60 ± 0.12"), *grid, *sweep)
+
+
 # name -> (its settings, the baseline first; its default epochs)
 PRESETS: dict[str, tuple[Callable[[Scale], tuple[Setting, ...]], int]] = {
-    "table1": (table1, 9), "table2a": (table2a, 9), "fig1": (fig1, 9), "quick": (quick, 3)}
+    "table1": (table1, 9), "table2a": (table2a, 9), "fig1": (fig1, 9), "quick": (quick, 3), "beyond": (beyond, 9)}
 
 
 def resolve(preset: str, scale: Scale) -> tuple[tuple[Setting, ...], Scale]:
@@ -125,11 +177,21 @@ def resolve(preset: str, scale: Scale) -> tuple[tuple[Setting, ...], Scale]:
 
 def lr_policy(setting: Setting, scale: Scale) -> LRPolicy:
     """The lr flags of a run: eta for the small kn, the setting's rule to its kn, and the paper's warmup and
-    step schedule shrunk to scale.epochs (Sec. 2.1, 2.2, 5.1)."""
+    step schedule shrunk to scale.epochs (Sec. 2.1, 2.2, 5.1); a beyond recipe's schedule.
+
+    MLPerf's lr (LARS) maps to the study as eta does: x scale.eta / 0.1, at a batch kn / 32 of its 3,200 (the
+    study's small kn stands for the paper's 256). It then scales by the square root of kn, not linearly: MLPerf's
+    own LARS configs raise the lr far less than kn (reference: 10 below 16k, 25 below 32k; NVIDIA: 11.0 at 3.2k,
+    19.4 at 40k)."""
     fraction = scale.epochs / PAPER_EPOCHS
     steps = tuple(sorted({max(1, round(step * fraction)) for step in PAPER_LR_STEPS}))
-    return LRPolicy(base_lr=setting.eta_factor * scale.eta, ref_batch=scale.small_kn, lr_scaling=setting.lr_scaling,
-                    warmup=setting.warmup, warmup_epochs=PAPER_WARMUP * fraction, lr_steps=steps)
+    recipe = RECIPES[setting.recipe]
+    base_lr, ref_batch, rule = scale.eta, scale.small_kn, setting.lr_scaling
+    if recipe.lr == "mlperf":
+        base_lr, ref_batch, rule = MLPERF_LR * scale.eta / PAPER_ETA, MLPERF_BATCH * scale.small_kn / 256, "sqrt"
+    return LRPolicy(base_lr=setting.eta_factor * base_lr, ref_batch=round(ref_batch), lr_scaling=rule,
+                    warmup=setting.warmup, warmup_epochs=PAPER_WARMUP * fraction, lr_schedule=recipe.lr_schedule,
+                    lr_steps=steps, end_lr=MLPERF_END_LR * scale.eta / PAPER_ETA)
 
 
 def global_batch(setting: Setting, scale: Scale) -> int:
@@ -150,22 +212,35 @@ def virtual_workers_per_pass(setting: Setting, scale: Scale) -> int:
 RUN_FLAGS = ("data", "output", "seed", "epochs", "arch", "image_size", "val_resize", "min_crop_area", "batch_size",
              "virtual_workers_per_pass", "loader", "base_lr", "ref_batch", "lr_scaling", "warmup", "warmup_epochs",
              "lr_steps", "keep_checkpoints")
+BEYOND_FLAGS = ("batches_per_allreduce", "optimizer", "label_smoothing", "lr_schedule", "end_lr", "weight_decay",
+                "nesterov")
 
 
 def train_config(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> TrainConfig:
     """The `hvd-imagenet train` config of one run (each of scale.ranks ranks gets the same)."""
+    recipe = RECIPES[setting.recipe]
+    # beyond's runs: the k workers in 2 passes of k/2 (BN over each n as before), so one rank has two batch
+    # sizes for the noise scale's estimate (noise_scale.py)
+    passes = 2 if beyond_run(setting) and virtual_workers_per_pass(setting, scale) % 2 == 0 else 1
     return TrainConfig(
         data=data, output=output, seed=seed, epochs=scale.epochs, arch=scale.arch, image_size=scale.image_size,
         val_resize=scale.val_resize, min_crop_area=scale.min_crop_area, batch_size=scale.batch_size,
         # The k workers: each rank runs k / ranks of them in one forward/backward, BN over each n (Sec. 2.3).
-        virtual_workers_per_pass=virtual_workers_per_pass(setting, scale), lr=lr_policy(setting, scale),
+        virtual_workers_per_pass=virtual_workers_per_pass(setting, scale) // passes, batches_per_allreduce=passes,
+        lr=lr_policy(setting, scale), optimizer=recipe.optimizer, label_smoothing=recipe.label_smoothing,
+        weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
         # A small data set decoded once into RAM: on a CPU, per-image decoding would cost more than the step.
         loader="memory", keep_checkpoints=1)
 
 
+def beyond_run(setting: Setting) -> bool:
+    return setting.key.startswith("beyond-")
+
+
 def train_args(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> list[str]:
-    """`hvd-imagenet train` flags for one run."""
-    return to_argv(train_config(setting, scale, seed, data, output), names=RUN_FLAGS)
+    """`hvd-imagenet train` flags for one run (beyond's also set the recipe's)."""
+    names = RUN_FLAGS + (BEYOND_FLAGS if beyond_run(setting) else ())
+    return to_argv(train_config(setting, scale, seed, data, output), names=names)
 
 
 def peak(setting: Setting, scale: Scale) -> float:

@@ -37,6 +37,7 @@ class Outcome:
     diverged: int = 0  # seeds whose run stopped on NaN/inf gradients
     train_curves: list[list[float]] = field(default_factory=list)  # training error % per epoch, per seed
     train_final: list[float] = field(default_factory=list)
+    noise_curves: list[list[float | None]] = field(default_factory=list)  # B_simple per epoch, per seed
     steps_per_epoch: int = 0
     seconds: float = 0.0  # training time of all seeds
 
@@ -101,6 +102,7 @@ def collect(runs: list[Run], settings: tuple[Setting, ...], epochs: int) -> list
             outcome.errors.append(final_error(records[:epochs]))
             outcome.train_curves.append([100 - r["train_top1"] for r in records[:epochs]])
             outcome.train_final.append(outcome.train_curves[-1][-1])
+            outcome.noise_curves.append([r.get("noise_scale") for r in records[:epochs]])
     return list(outcomes.values())
 
 
@@ -145,8 +147,15 @@ def write_report(runs: list[Run], settings: tuple[Setting, ...], scale: Scale, p
         results["max_effective_kn"] = effective
         results["max_effective_kn_rule"] = (f"the largest kn with it and every smaller kn within {EFFECTIVE_WITHIN:g} "
                                             "point of the baseline's mean val error")
+    extra = fig1_section(effective)
+    if preset == "beyond":
+        from .beyond import report_beyond
+
+        found, extra, plot = report_beyond(outcomes, scale, output)
+        results.update(found)
+        plots.append(plot)
     (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (output / "study.md").write_text(markdown(outcomes, scale, preset, command, seeds) + fig1_section(effective))
+    (output / "study.md").write_text(markdown(outcomes, scale, preset, command, seeds) + extra)
     return [output / "study.md", output / "results.json", *(output / name for name in plots)]
 
 
@@ -327,7 +336,7 @@ def plot_lr_schedules(outcomes: list[Outcome], scale: Scale, path: Path) -> None
             continue
         policy, kn = lr_policy(outcome.setting, scale), global_batch(outcome.setting, scale)
         epochs = [i / steps for i in range(steps * scale.epochs)]
-        lrs = [lr_at(policy, i, steps, kn) for i in range(steps * scale.epochs)]
+        lrs = [lr_at(policy, i, steps, kn, scale.epochs) for i in range(steps * scale.epochs)]
         label = outcome.setting.label(scale)
         whole.plot(epochs, lrs, label=label, drawstyle="steps-post")
         first = [i for i, e in enumerate(epochs) if e < max(3 * warmup_end, 1.0)]

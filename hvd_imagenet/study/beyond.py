@@ -1,0 +1,101 @@
+"""--preset beyond's part of study.md: each recipe's maximum effective minibatch (fig1's rule), the gradient noise
+scale of the baseline run beside fig1's measured limit, and val error vs kn per recipe (beyond.png)."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .grid import RECIPES, Scale, global_batch
+from .report import EFFECTIVE_WITHIN, Outcome, _pyplot, max_effective_kn, mean_curve, std
+
+PLOT = "beyond.png"
+
+
+def recipe_rows(outcomes: list[Outcome], recipe: str) -> list[Outcome]:
+    """The recipe's rows at its own lr (not the x0.5 / x2 sweep), by kn."""
+    rows = [o for o in outcomes[1:] if o.setting.recipe == recipe and o.setting.eta_factor == 1]
+    return sorted(rows, key=lambda o: o.setting.factor)
+
+
+def fig1_limit(output: Path) -> int | None:
+    """fig1's maximum effective kn, when its study sits beside this one (docs/study/fig1)."""
+    path = output.parent / "fig1" / "results.json"
+    return json.loads(path.read_text()).get("max_effective_kn") if path.exists() else None
+
+
+def baseline_noise(baseline: Outcome) -> list[float | None]:
+    """The baseline's B_simple per epoch, mean over its seeds (None where an epoch has none)."""
+    curves = baseline.noise_curves
+    if not curves or any(value is None for curve in curves for value in curve):
+        return []
+    return mean_curve(curves)
+
+
+def report_beyond(outcomes: list[Outcome], scale: Scale, output: Path) -> tuple[dict, str, str]:
+    """results.json's additions, study.md's section and the plot's name."""
+    baseline = outcomes[0]
+    effective = {r: max_effective_kn([baseline, *recipe_rows(outcomes, r)], scale) for r in RECIPES}
+    noise, limit = baseline_noise(baseline), fig1_limit(output)
+    plot_beyond(outcomes, scale, effective, noise, limit, output / PLOT)
+    found = {"max_effective_kn": effective, "baseline_noise_scale_per_epoch": noise, "fig1_max_effective_kn": limit,
+             "max_effective_kn_rule": f"per recipe, the largest kn run with it and every smaller kn run within "
+                                      f"{EFFECTIVE_WITHIN:g} point of the baseline's mean val error"}
+    lines = "\n".join(f"| {r} | {RECIPES[r].name} | {effective[r] if effective[r] else '-'} |" for r in RECIPES)
+    if noise:
+        epochs = ", ".join(f"{value:.0f}" for value in noise)
+        noise_text = (f"The baseline run's gradient noise scale B_simple (McCandlish et al. 2018), per epoch, mean over "
+                      f"its seeds: {epochs} images. fig1 measured the maximum effective minibatch at kn = "
+                      f"{limit if limit else '(fig1 not beside this study)'}.")
+    else:
+        noise_text = "The baseline run has no noise-scale estimate."
+    return found, f"""
+## Past the limit: each recipe's maximum effective minibatch
+
+| recipe | what | maximum effective kn |
+|---|---|---|
+{lines}
+
+The maximum effective kn of a recipe is the largest kn run with it and every smaller kn run within
+{EFFECTIVE_WITHIN:g} point of the baseline's mean val error (fig1's rule; kn between the baseline and the large kn
+was not run again: fig1 found them within the point with the paper's SGD).
+
+{noise_text}
+
+![val error vs kn per recipe]({PLOT})
+""", PLOT
+
+
+def plot_beyond(outcomes: list[Outcome], scale: Scale, effective: dict, noise: list, limit: int | None,
+                path: Path) -> None:
+    """Left: val error vs kn per recipe, mean ± std over seeds, the baseline's +1 point band. Right: the
+    baseline's noise scale per epoch against fig1's limit."""
+    plt = _pyplot()
+    figure, (errors, scales) = plt.subplots(1, 2, figsize=(12, 4.2))
+    base = statistics.mean(outcomes[0].errors) if outcomes[0].errors else None
+    for recipe, color in zip(RECIPES, ("tab:blue", "tab:red", "tab:green")):
+        rows = [o for o in recipe_rows(outcomes, recipe) if o.errors]
+        if rows:
+            errors.errorbar([global_batch(o.setting, scale) for o in rows], [statistics.mean(o.errors) for o in rows],
+                            yerr=[std(o.errors) or 0.0 for o in rows], marker="o", capsize=3, color=color,
+                            label=f"{recipe} (max effective kn {effective[recipe] or '-'})")
+    if base is not None:
+        errors.axhspan(base, base + EFFECTIVE_WITHIN, color="tab:gray", alpha=0.2,
+                       label=f"baseline (kn={global_batch(outcomes[0].setting, scale)}) + {EFFECTIVE_WITHIN:g} point")
+    errors.set_xscale("log", base=2)
+    errors.set_xlabel("minibatch size kn")
+    errors.set_ylabel("top-1 val error %")
+    errors.grid(True, alpha=0.3)
+    errors.legend(fontsize=8)
+    if noise:
+        scales.plot(range(1, len(noise) + 1), noise, marker="o", label="baseline's B_simple (images)")
+    if limit:
+        scales.axhline(limit, color="tab:red", linestyle="--", label=f"fig1's maximum effective kn = {limit}")
+    scales.set_xlabel("epoch")
+    scales.set_ylabel("images")
+    scales.set_yscale("log", base=2)
+    scales.grid(True, alpha=0.3)
+    scales.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
