@@ -202,3 +202,25 @@ def test_a_resumed_lars_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
     assert records[-1]["lr"] == pytest.approx(1e-4)  # poly ends at --end-lr
     assert all(r["grad_trace_cov"] > 0 for r in records)  # the ranks' own gradients are noisier than their mean
     assert [r["noise_scale"] for r in records] == [r["noise_scale"] for r in read_jsonl(split / "metrics.jsonl")]
+
+
+def test_the_beyond_grid():
+    """--preset beyond: the baseline, 3 recipes x kn 256..2,048, each recipe's lr x0.5 and x2 at 2,048; every run
+    in 2 passes (the noise scale's two batch sizes) with its recipe's flags, which train accepts."""
+    from hvd_imagenet.study.grid import RECIPES, Scale, peak, resolve, train_args, train_config
+
+    settings, scale = resolve("beyond", Scale())
+    assert len(settings) == 1 + 3 * 4 + 3 * 2 and settings[0].factor == 1
+    assert sorted({s.factor for s in settings[1:]}) == [32, 64, 128, 256]
+    for setting in settings:
+        config = train_config(setting, scale, 0, "data", "out")
+        recipe = RECIPES[setting.recipe]
+        assert config.batches_per_allreduce == 2 and config.pass_batch * 2 == 8 * setting.factor
+        assert (config.optimizer, config.label_smoothing, config.lr.lr_schedule) == (
+            recipe.optimizer, recipe.label_smoothing, recipe.lr_schedule)
+        args = train_args(setting, scale, 0, "data", "out")
+        assert from_args(TrainConfig, parse(["train", *args])) == config
+    lars = {s.key: peak(s, scale) for s in settings if s.recipe == "lars"}
+    # MLPerf's 11.0 at 3,200 -> x0.2 at kn 100, then the square root of kn: 2.2 x sqrt(256 / 100) at kn 256
+    assert lars["beyond-lars-x32"] == pytest.approx(2.2 * math.sqrt(2.56))
+    assert lars["beyond-lars-x256-lr2"] == pytest.approx(2 * lars["beyond-lars-x256"])

@@ -171,7 +171,9 @@ class StudyOptions:
     output: str = opt("study directory: study.md, *.png, runs/")
     preset: str = opt("table1: no/constant/gradual warmup at large kn vs the small-kn baseline; table2a: lr scaling "
                       "rules; fig1: val error vs kn, up to --max-factor x the small kn, and the largest kn within "
-                      "1 point of it; quick: baseline and gradual warmup, 3 epochs", "table1", choices=tuple(PRESETS))
+                      "1 point of it; beyond: past fig1's limit, SGD vs MLPerf's recipe (LARS) vs that recipe with "
+                      "SGD at kn = 32x to 256x, with the gradient noise scale; quick: baseline and gradual warmup, "
+                      "3 epochs", "table1", choices=tuple(PRESETS))
     seeds: int = opt("runs per setting (seeds 0..N-1)", 3, min=1)
     parallel: int = opt("runs side by side, each pinned to its share of the CPUs (0: CPUs // ranks)", 0, min=0)
     scale: Scale = field(default_factory=Scale)
