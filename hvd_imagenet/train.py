@@ -107,7 +107,8 @@ def build_training(config: TrainConfig, num_classes: int, device: torch.device):
     if config.channels_last:  # NHWC weights as well as batches: no layout conversion at any convolution
         model = model.to(memory_format=torch.channels_last)
     optimizer = comm.distributed_optimizer(
-        build_optimizer(config, model), model, config.compression, config.batches_per_allreduce, config.gradient_predivide_factor,
+        build_optimizer(config, model), model, config.compression, config.batches_per_allreduce,
+        config.gradient_predivide_factor,
         comm.PowerSGDSettings(rank=config.powersgd_rank, start_step=config.powersgd_start_step, seed=config.seed))
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "amp-fp16")
     return model, optimizer, scaler

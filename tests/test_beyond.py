@@ -77,6 +77,9 @@ def test_lars_step_under_two_ranks_equals_a_float64_reference(tmp_path):
     assert len(moved) == len(weights)  # every tensor took a step (weight decay moves even the zero-gradient ones)
 
 
+NO_SCALING = torch.amp.GradScaler("cpu", enabled=False)
+
+
 class Alone:
     """No Horovod, one process: nothing to synchronize."""
 
@@ -97,7 +100,7 @@ def test_label_smoothing_is_torch_cross_entropy_and_validation_stays_plain():
     torch.manual_seed(0)
     model = build_model("cifar_resnet8", 10, zero_init_residual=False)
     images, target = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    step = TrainStep(model, Alone(torch.optim.SGD(model.parameters(), lr=0.0)), torch.amp.GradScaler("cpu", enabled=False),
+    step = TrainStep(model, Alone(torch.optim.SGD(model.parameters(), lr=0.0)), NO_SCALING,
                      contextlib.nullcontext(), micro_batches=1, label_smoothing=0.1)
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(model(images), target, label_smoothing=0.1)
@@ -169,7 +172,7 @@ def test_the_noise_scale_of_least_squares_matches_its_closed_form():
     u = u / u.norm()
     with torch.no_grad():
         model.weight.copy_((truth + u)[None])
-    step = TrainStep(model, Alone(torch.optim.SGD(model.parameters(), lr=0.0)), torch.amp.GradScaler("cpu", enabled=False),
+    step = TrainStep(model, Alone(torch.optim.SGD(model.parameters(), lr=0.0)), NO_SCALING,
                      contextlib.nullcontext(), micro_batches=2, noise_probe=True)
     step.criterion = lambda output, y: 0.5 * (output[:, 0] - y).square().mean()  # least squares for this test
 

@@ -64,8 +64,8 @@ def step_syncs(data, precision: str, loader: str, compression: str, np: int, *fl
     done = run_cli("bench-train", "--backend", "horovod", "--np", str(np), "--compression", compression,
                    "--powersgd-start-step", "0", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2",
                    "--batches-per-allreduce", "2", "--loader", loader, "--data", data, "--precision", precision,
-                   "--layout", "nhwc", "--optimizer", optimizer, "--steps", "1", "--warmup", "1", "--repeats", "1", "--count-syncs", "3",
-                   "--json", *flags, timeout=600)
+                   "--layout", "nhwc", "--optimizer", optimizer, "--steps", "1", "--warmup", "1", "--repeats", "1",
+                   "--count-syncs", "3",                   "--json", *flags, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(done.stdout)["rows"][0]["host_syncs"]
 

@@ -264,7 +264,8 @@ def run(options: TrainBenchOptions) -> None:
             raise UserError("--backend none runs alone, in this process: run it as a command, not under a launcher")
         if any(len(getattr(options, name)) > 1 for name in CASE) or options.launch.link != "loopback":
             raise UserError("under a launcher, bench-train measures one --backend, --compression, --precision, "
-                            "--layout and --optimizer on the launcher's ranks (no --link); as a command it runs each combination "
+                            "--layout and --optimizer on the launcher's ranks (no --link); as a command it runs each "
+                            "combination "
                             "itself")
         result = bench_train(options.backend[0], options.train_config(), options.steps, options.warmup,
                              options.threads, options.count_syncs, options.phases)

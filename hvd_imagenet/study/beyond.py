@@ -44,8 +44,8 @@ def report_beyond(outcomes: list[Outcome], scale: Scale, output: Path) -> tuple[
     lines = "\n".join(f"| {r} | {RECIPES[r].name} | {effective[r] if effective[r] else '-'} |" for r in RECIPES)
     if noise:
         epochs = ", ".join(f"{value:.0f}" for value in noise)
-        noise_text = (f"The baseline run's gradient noise scale B_simple (McCandlish et al. 2018), per epoch, mean over "
-                      f"its seeds: {epochs} images. fig1 measured the maximum effective minibatch at kn = "
+        noise_text = (f"The baseline run's gradient noise scale B_simple (McCandlish et al. 2018), per epoch, mean "
+                      f"over its seeds: {epochs} images. fig1 measured the maximum effective minibatch at kn = "
                       f"{limit if limit else '(fig1 not beside this study)'}.")
     else:
         noise_text = "The baseline run has no noise-scale estimate."
