@@ -227,3 +227,21 @@ def test_the_beyond_grid():
     # MLPerf's 11.0 at 3,200 -> x0.2 at kn 100, then the square root of kn: 2.2 x sqrt(256 / 100) at kn 256
     assert lars["beyond-lars-x32"] == pytest.approx(2.2 * math.sqrt(2.56))
     assert lars["beyond-lars-x256-lr2"] == pytest.approx(2 * lars["beyond-lars-x256"])
+
+
+@pytest.mark.parametrize("flags", [
+    ("--compression", "powersgd", "--powersgd-start-step", "0", "--batches-per-allreduce", "2", "--channels-last",
+     "--max-grad-norm", "1.0"),
+    ("--compression", "fp16", "--virtual-workers-per-pass", "2", "--precision", "amp-fp16"),
+], ids=["powersgd-passes-nhwc-clip", "fp16-one-pass-amp"])
+def test_lars_composes_with_compression_passes_and_precision(tiny_data, tmp_path, flags):
+    """LARS under 2 ranks with the other step options: it trains (finite loss), and every rank holds the same
+    weights after each epoch. PowerSGD's low-rank average leaves no noise scale; the fp16 run has one."""
+    output = tmp_path / "run"
+    run_horovod("--data", tiny_data, "--output", output, "--loader", "memory", "--epochs", "2", *TINY_TRAIN,
+                "--optimizer", "lars", "--label-smoothing", "0.1", *flags)
+    records = read_jsonl(output / "metrics.jsonl")
+    assert len(records) == 2 and all(math.isfinite(r["train_loss"]) for r in records)
+    assert all(len(set(r["weights_digests"])) == 1 for r in records)
+    measured = [r["noise_scale"] is not None or r["grad_sq"] is not None for r in records]
+    assert measured == ([False, False] if "powersgd" in flags else [True, True])
