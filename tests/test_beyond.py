@@ -2,6 +2,7 @@
 smoothing against torch's, the poly and cosine schedules and the MLPerf recipe, the gradient noise scale on a
 problem whose answer is known in closed form, and a resumed LARS run equal to the uninterrupted one."""
 import contextlib
+import json
 import math
 import subprocess
 
@@ -245,3 +246,40 @@ def test_lars_composes_with_compression_passes_and_precision(tiny_data, tmp_path
     assert all(len(set(r["weights_digests"])) == 1 for r in records)
     measured = [r["noise_scale"] is not None or r["grad_sq"] is not None for r in records]
     assert measured == ([False, False] if "powersgd" in flags else [True, True])
+
+
+def test_the_beyond_report_names_each_recipes_limit_and_the_baselines_noise_scale(tmp_path):
+    """From runs' metrics.jsonl as `train` writes them (2 seeds, 2 epochs): SGD within 1 point of the baseline
+    up to kn 512 only, LARS up to 2,048, SGD + poly nowhere; the baseline's noise scale per epoch, mean over
+    seeds, beside fig1's limit read from docs/study/fig1 beside the study."""
+    from PIL import Image
+
+    from hvd_imagenet.study.grid import Scale, resolve
+    from hvd_imagenet.study.report import write_report
+    from hvd_imagenet.study.run import plan
+
+    settings, scale = resolve("beyond", Scale(epochs=2))
+    over = {"sgd": {32: 0.5, 64: 0.9, 128: 3.0, 256: 9.0}, "lars": {32: 0.2, 64: 0.4, 128: 0.6, 256: 0.9},
+            "sgd-poly": {32: 1.5, 64: 2.0, 128: 4.0, 256: 8.0}}
+    study = tmp_path / "beyond"
+    (tmp_path / "fig1").mkdir()
+    (tmp_path / "fig1" / "results.json").write_text(json.dumps({"max_effective_kn": 256}))
+    runs = plan(settings, 2, study)
+    for run in runs:
+        s = run.setting
+        run.directory.mkdir(parents=True)
+        (run.directory / "config.json").write_text(json.dumps({"steps_per_epoch": 10}))
+        error = 8.0 + (over[s.recipe][s.factor] if s.factor > 1 else 0) + (0.3 if s.eta_factor != 1 else 0)
+        noise = [100.0 + 50 * run.seed, 300.0 + 50 * run.seed]
+        records = [{"epoch": e, "val_top1": 100 - error, "train_top1": 90.0, "epoch_seconds": 1.0,
+                    "noise_scale": noise[e - 1]} for e in (1, 2)]
+        (run.directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = write_report(runs, settings, scale, "beyond", "hvd-imagenet study --preset beyond", study)
+    assert written[-1].name == "beyond.png"
+    results = json.loads((study / "results.json").read_text())
+    assert results["max_effective_kn"] == {"sgd": 512, "lars": 2048, "sgd-poly": None}
+    assert results["baseline_noise_scale_per_epoch"] == [125.0, 325.0] and results["fig1_max_effective_kn"] == 256
+    text = (study / "study.md").read_text()
+    assert "| lars | LARS, label smoothing 0.1" in text and "125, 325 images" in text
+    with Image.open(study / "beyond.png") as plot:
+        assert plot.size[0] > 300

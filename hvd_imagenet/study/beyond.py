@@ -35,13 +35,17 @@ def baseline_noise(baseline: Outcome) -> list[float | None]:
 def report_beyond(outcomes: list[Outcome], scale: Scale, output: Path) -> tuple[dict, str, str]:
     """results.json's additions, study.md's section and the plot's name."""
     baseline = outcomes[0]
+    smallest = global_batch(baseline.setting, scale)
     effective = {r: max_effective_kn([baseline, *recipe_rows(outcomes, r)], scale) for r in RECIPES}
+    effective = {r: None if kn == smallest else kn for r, kn in effective.items()}  # none of the recipe's kn
     noise, limit = baseline_noise(baseline), fig1_limit(output)
     plot_beyond(outcomes, scale, effective, noise, limit, output / PLOT)
     found = {"max_effective_kn": effective, "baseline_noise_scale_per_epoch": noise, "fig1_max_effective_kn": limit,
              "max_effective_kn_rule": f"per recipe, the largest kn run with it and every smaller kn run within "
-                                      f"{EFFECTIVE_WITHIN:g} point of the baseline's mean val error"}
-    lines = "\n".join(f"| {r} | {RECIPES[r].name} | {effective[r] if effective[r] else '-'} |" for r in RECIPES)
+                                      f"{EFFECTIVE_WITHIN:g} point of the baseline's mean val error (null: none)"}
+    low = min(global_batch(o.setting, scale) for o in outcomes[1:])
+    lines = "\n".join(f"| {r} | {RECIPES[r].name} | {effective[r] or f'below {low} (none of its kn)'} |"
+                      for r in RECIPES)
     if noise:
         epochs = ", ".join(f"{value:.0f}" for value in noise)
         noise_text = (f"The baseline run's gradient noise scale B_simple (McCandlish et al. 2018), per epoch, mean "
