@@ -237,6 +237,11 @@ def beyond_run(setting: Setting) -> bool:
     return setting.key.startswith("beyond-")
 
 
+def lr_sweep(setting: Setting) -> bool:
+    """beyond's lr x0.5 / x2 rows (a check of another row's lr)."""
+    return beyond_run(setting) and setting.eta_factor != 1
+
+
 def train_args(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> list[str]:
     """`hvd-imagenet train` flags for one run (beyond's also set the recipe's)."""
     names = RUN_FLAGS + (BEYOND_FLAGS if beyond_run(setting) else ())

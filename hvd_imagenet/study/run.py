@@ -25,7 +25,7 @@ from ..data import check_data
 from ..errors import Diverged, UserError
 from ..flags import Command, check, opt
 from ..metrics import read_metrics
-from .grid import PRESETS, Scale, Setting, resolve, train_args
+from .grid import PRESETS, Scale, Setting, lr_sweep, resolve, train_args
 
 LOG_NAME = "train.log"
 
@@ -103,11 +103,13 @@ def outcome_line(run: Run, scale: Scale, status: int, seconds: float) -> str:
 
 
 def run_all(runs: list[Run], scale: Scale, data: Path, parallel: int = 0) -> None:
-    """Every run not yet finished, the smallest kn (the longest runs) first, up to `parallel` side by side on
-    CPUs of their own; a progress bar over runs and a line as each starts and ends. A failed run stops the study
-    (no other starts; those under way finish) with its log's reason."""
+    """Every run not yet finished, the smallest kn (the longest runs) first, a lr sweep's runs (beyond's x0.5
+    and x2) after the rows they check, up to `parallel` side by side on CPUs of their own; a progress bar over
+    runs and a line as each starts and ends. A failed run stops the study (no other starts; those under way
+    finish) with its log's reason."""
     check_data(data)
-    todo = sorted((run for run in runs if not finished(run, scale.epochs)), key=lambda r: r.setting.factor)
+    todo = sorted((run for run in runs if not finished(run, scale.epochs)),
+                  key=lambda r: (lr_sweep(r.setting), r.setting.factor))
     if len(todo) < len(runs):
         print(f"study: {len(runs) - len(todo)} of {len(runs)} runs finished earlier; running the other {len(todo)}")
     sets = cpu_sets(parallel, scale.ranks)
