@@ -280,6 +280,6 @@ def test_the_beyond_report_names_each_recipes_limit_and_the_baselines_noise_scal
     assert results["max_effective_kn"] == {"sgd": 512, "lars": 2048, "sgd-poly": None}
     assert results["baseline_noise_scale_per_epoch"] == [125.0, 325.0] and results["fig1_max_effective_kn"] == 256
     text = (study / "study.md").read_text()
-    assert "| lars | LARS, label smoothing 0.1" in text and "125, 325 images" in text
+    assert "| lars | LARS, label smoothing 0.1" in text and "125, 325 images (from B_small = 4" in text
     with Image.open(study / "beyond.png") as plot:
         assert plot.size[0] > 300

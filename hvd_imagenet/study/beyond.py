@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from .grid import RECIPES, Scale, global_batch
-from .report import EFFECTIVE_WITHIN, Outcome, _pyplot, max_effective_kn, mean_curve, std
+from .report import EFFECTIVE_WITHIN, Outcome, _pyplot, max_effective_kn, std
 
 PLOT = "beyond.png"
 
@@ -24,12 +24,14 @@ def fig1_limit(output: Path) -> int | None:
     return json.loads(path.read_text()).get("max_effective_kn") if path.exists() else None
 
 
-def baseline_noise(baseline: Outcome) -> list[float | None]:
-    """The baseline's B_simple per epoch, mean over its seeds (None where an epoch has none)."""
-    curves = baseline.noise_curves
-    if not curves or any(value is None for curve in curves for value in curve):
-        return []
-    return mean_curve(curves)
+def noise_per_epoch(outcome: Outcome) -> list[float | None]:
+    """A row's B_simple per epoch, mean over the seeds that resolved it (None: no seed did; |G|^2 came out <= 0,
+    noise swamping the signal at the run's two batch sizes)."""
+    found = []
+    for values in zip(*outcome.noise_curves):
+        resolved = [value for value in values if value is not None]
+        found.append(statistics.mean(resolved) if resolved else None)
+    return found
 
 
 def report_beyond(outcomes: list[Outcome], scale: Scale, output: Path) -> tuple[dict, str, str]:
@@ -38,21 +40,22 @@ def report_beyond(outcomes: list[Outcome], scale: Scale, output: Path) -> tuple[
     smallest = global_batch(baseline.setting, scale)
     effective = {r: max_effective_kn([baseline, *recipe_rows(outcomes, r)], scale) for r in RECIPES}
     effective = {r: None if kn == smallest else kn for r, kn in effective.items()}  # none of the recipe's kn
-    noise, limit = baseline_noise(baseline), fig1_limit(output)
+    noise, limit = noise_per_epoch(baseline), fig1_limit(output)
     plot_beyond(outcomes, scale, effective, noise, limit, output / PLOT)
     found = {"max_effective_kn": effective, "baseline_noise_scale_per_epoch": noise, "fig1_max_effective_kn": limit,
+             "noise_scale_per_epoch": {o.setting.key: noise_per_epoch(o) for o in outcomes},
              "max_effective_kn_rule": f"per recipe, the largest kn run with it and every smaller kn run within "
                                       f"{EFFECTIVE_WITHIN:g} point of the baseline's mean val error (null: none)"}
     low = min(global_batch(o.setting, scale) for o in outcomes[1:])
     lines = "\n".join(f"| {r} | {RECIPES[r].name} | {effective[r] or f'below {low} (none of its kn)'} |"
                       for r in RECIPES)
-    if noise:
-        epochs = ", ".join(f"{value:.0f}" for value in noise)
-        noise_text = (f"The baseline run's gradient noise scale B_simple (McCandlish et al. 2018), per epoch, mean "
-                      f"over its seeds: {epochs} images. fig1 measured the maximum effective minibatch at kn = "
-                      f"{limit if limit else '(fig1 not beside this study)'}.")
-    else:
-        noise_text = "The baseline run has no noise-scale estimate."
+    small = global_batch(baseline.setting, scale)
+    epochs = ", ".join("-" if value is None else f"{value:.0f}" for value in noise)
+    noise_text = (f"The baseline run's gradient noise scale B_simple (McCandlish et al. 2018), per epoch, mean over "
+                  f"its seeds: {epochs} images (from B_small = {small // 2}, B_big = {small}; \"-\": |G|^2 came out "
+                  f"<= 0 in every seed, the signal lost in the noise at these sizes). fig1 measured the maximum "
+                  f"effective minibatch at kn = {limit if limit else '(fig1 not beside this study)'}. Each row's "
+                  "estimate per epoch is in results.json (`noise_scale_per_epoch`).")
     return found, f"""
 ## Past the limit: each recipe's maximum effective minibatch
 
@@ -91,8 +94,9 @@ def plot_beyond(outcomes: list[Outcome], scale: Scale, effective: dict, noise: l
     errors.set_ylabel("top-1 val error %")
     errors.grid(True, alpha=0.3)
     errors.legend(fontsize=8)
-    if noise:
-        scales.plot(range(1, len(noise) + 1), noise, marker="o", label="baseline's B_simple (images)")
+    shown = [(epoch, value) for epoch, value in enumerate(noise, start=1) if value is not None]
+    if shown:
+        scales.plot(*zip(*shown), marker="o", linestyle="", label="baseline's B_simple (images), epochs resolved")
     if limit:
         scales.axhline(limit, color="tab:red", linestyle="--", label=f"fig1's maximum effective kn = {limit}")
     scales.set_xlabel("epoch")

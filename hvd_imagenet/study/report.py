@@ -164,7 +164,8 @@ def row(outcome: Outcome, baseline: Outcome, scale: Scale) -> dict:
     s, errors = outcome.setting, outcome.errors
     return {
         "key": s.key, "label": s.label(scale), "kn": global_batch(s, scale), "peak_lr": peak(s, scale),
-        "lr_scaling": s.lr_scaling, "warmup": s.warmup, "seeds": len(errors), "diverged": outcome.diverged,
+        "lr_scaling": lr_policy(s, scale).lr_scaling, "warmup": s.warmup, "seeds": len(errors),
+        "diverged": outcome.diverged,
         "steps": outcome.steps_per_epoch * scale.epochs,
         "val_error_mean": statistics.mean(errors) if errors else None, "val_error_std": std(errors),
         "train_error_mean": statistics.mean(outcome.train_final) if outcome.train_final else None,
@@ -181,9 +182,10 @@ def markdown(outcomes: list[Outcome], scale: Scale, preset: str, command: str, s
         gap = (f"{statistics.mean(o.errors) - statistics.mean(baseline.errors):+.2f}"
                if o is not baseline and o.errors and baseline.errors else "")
         k = f"{scale.ranks} x {virtual_workers_per_pass(s, scale)}"
-        curve = curve_gap_after_warmup(o, baseline, lr_policy(s, scale).warmup_epochs)
+        policy = lr_policy(s, scale)
+        curve = curve_gap_after_warmup(o, baseline, policy.warmup_epochs)
         rows.append(f"| {s.label(scale)} | {global_batch(s, scale)} | {k} | {peak(s, scale):.4g} | "
-                    f"{s.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | **{o.summary()}** | "
+                    f"{policy.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | **{o.summary()}** | "
                     f"{gap} | {mean_std(o.train_final) if o.train_final else '-'} | "
                     f"{'' if curve is None else f'{curve:.2f}'} | {s.paper} |")
     hours = sum(o.seconds for o in outcomes) / 3600
