@@ -185,8 +185,8 @@ def markdown(outcomes: list[Outcome], scale: Scale, preset: str, command: str, s
         policy = lr_policy(s, scale)
         curve = curve_gap_after_warmup(o, baseline, policy.warmup_epochs)
         rows.append(f"| {s.label(scale)} | {global_batch(s, scale)} | {k} | {peak(s, scale):.4g} | "
-                    f"{policy.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | **{o.summary()}** | "
-                    f"{gap} | {mean_std(o.train_final) if o.train_final else '-'} | "
+                    f"{policy.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | "
+                    f"**{o.summary()}** | {gap} | {mean_std(o.train_final) if o.train_final else '-'} | "
                     f"{'' if curve is None else f'{curve:.2f}'} | {s.paper} |")
     hours = sum(o.seconds for o in outcomes) / 3600
     policy = lr_policy(baseline.setting, scale)
