@@ -10,6 +10,7 @@ from .grid import RECIPES, Scale, global_batch
 from .report import EFFECTIVE_WITHIN, Outcome, _pyplot, max_effective_kn, std
 
 PLOT = "beyond.png"
+COLORS = ("tab:blue", "tab:red", "tab:green")  # one per recipe
 
 
 def recipe_rows(outcomes: list[Outcome], recipe: str) -> list[Outcome]:
@@ -41,7 +42,7 @@ def report_beyond(outcomes: list[Outcome], scale: Scale, output: Path) -> tuple[
     effective = {r: max_effective_kn([baseline, *recipe_rows(outcomes, r)], scale) for r in RECIPES}
     effective = {r: None if kn == smallest else kn for r, kn in effective.items()}  # none of the recipe's kn
     noise, limit = noise_per_epoch(baseline), fig1_limit(output)
-    plot_beyond(outcomes, scale, effective, noise, limit, output / PLOT)
+    plot_beyond(outcomes, scale, effective, limit, output / PLOT)
     found = {"max_effective_kn": effective, "baseline_noise_scale_per_epoch": noise, "fig1_max_effective_kn": limit,
              "noise_scale_per_epoch": {o.setting.key: noise_per_epoch(o) for o in outcomes},
              "max_effective_kn_rule": f"per recipe, the largest kn run with it and every smaller kn run within "
@@ -73,14 +74,15 @@ was not run again: fig1 found them within the point with the paper's SGD).
 """, PLOT
 
 
-def plot_beyond(outcomes: list[Outcome], scale: Scale, effective: dict, noise: list, limit: int | None,
-                path: Path) -> None:
-    """Left: val error vs kn per recipe, mean ± std over seeds, the baseline's +1 point band. Right: the
-    baseline's noise scale per epoch against fig1's limit."""
+def plot_beyond(outcomes: list[Outcome], scale: Scale, effective: dict, limit: int | None, path: Path) -> None:
+    """Left: val error vs kn per recipe, mean ± std over seeds, the baseline's +1 point band. Right: the noise
+    scale per epoch of the baseline and of each recipe's smallest kn, against fig1's limit."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     figure, (errors, scales) = plt.subplots(1, 2, figsize=(12, 4.2))
     base = statistics.mean(outcomes[0].errors) if outcomes[0].errors else None
-    for recipe, color in zip(RECIPES, ("tab:blue", "tab:red", "tab:green")):
+    for recipe, color in zip(RECIPES, COLORS):
         rows = [o for o in recipe_rows(outcomes, recipe) if o.errors]
         if rows:
             errors.errorbar([global_batch(o.setting, scale) for o in rows], [statistics.mean(o.errors) for o in rows],
@@ -90,18 +92,25 @@ def plot_beyond(outcomes: list[Outcome], scale: Scale, effective: dict, noise: l
         errors.axhspan(base, base + EFFECTIVE_WITHIN, color="tab:gray", alpha=0.2,
                        label=f"baseline (kn={global_batch(outcomes[0].setting, scale)}) + {EFFECTIVE_WITHIN:g} point")
     errors.set_xscale("log", base=2)
+    kns = sorted({global_batch(o.setting, scale) for o in outcomes[1:]})
+    errors.set_xticks(kns, [str(kn) for kn in kns])
     errors.set_xlabel("minibatch size kn")
     errors.set_ylabel("top-1 val error %")
     errors.grid(True, alpha=0.3)
     errors.legend(fontsize=8)
-    shown = [(epoch, value) for epoch, value in enumerate(noise, start=1) if value is not None]
-    if shown:
-        scales.plot(*zip(*shown), marker="o", linestyle="", label="baseline's B_simple (images), epochs resolved")
+    series = [(outcomes[0], "tab:gray")] + [(rows[0], color) for rows, color in
+                                           ((recipe_rows(outcomes, r), c) for r, c in zip(RECIPES, COLORS)) if rows]
+    for outcome, color in series:
+        shown = [(epoch, value) for epoch, value in enumerate(noise_per_epoch(outcome), start=1) if value]
+        if shown:
+            scales.plot(*zip(*shown), marker="o", color=color, label=f"{outcome.setting.label(scale)}")
     if limit:
         scales.axhline(limit, color="tab:red", linestyle="--", label=f"fig1's maximum effective kn = {limit}")
+    scales.set_title("gradient noise scale B_simple per epoch (epochs resolved)", fontsize=10)
     scales.set_xlabel("epoch")
-    scales.set_ylabel("images")
-    scales.set_yscale("log", base=2)
+    scales.set_ylabel("B_simple, images (log scale)")
+    scales.set_yscale("log")
+    scales.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     scales.grid(True, alpha=0.3)
     scales.legend(fontsize=8)
     figure.tight_layout()
