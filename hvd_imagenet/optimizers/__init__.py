@@ -5,7 +5,7 @@ An entry names a `build(config, model) -> torch.optim.Optimizer` function. `buil
 train and bench-train make an optimizer (lr 0: the schedule sets it before every step, step.TrainStep). Horovod
 wraps whatever it returns (comm.distributed_optimizer), so an optimizer sees the gradients averaged over all
 ranks, and its state goes into the one checkpoint format through state_dict().
-To add one: a module here with its `build`, and a line below. docs/architecture.md has a worked example.
+To add one: a module here with its `build`, and a line below (README, "Extension points").
 """
 from __future__ import annotations
 
