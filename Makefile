@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 DEMO ?= demo-run
 
-.PHONY: setup demo test gpu-check gpu-quick image image-check clean
+.PHONY: setup demo test test-fast lint gpu-check gpu-quick image image-check clean
 setup: $(VENV)/.setup-done
 
 $(VENV)/.setup-done: setup.py scripts/setup_env.sh scripts/build_horovod.sh scripts/versions.env scripts/*.patch
@@ -29,6 +29,15 @@ demo: setup
 
 test: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests
+
+# The unit tier alone (no subprocess, no Horovod, no SLURM; tests/conftest.py sorts the tiers): under 3 minutes here.
+test-fast: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest tests -m unit
+
+# ruff's lint and its formatter, as .ci/run checks them (ruff.toml).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # On a GPU machine, offline, with what `scripts/gpu_check.sh wheel` (and `bundle`) made in .gpu-check/.
 # gpu-quick: the short rental's one command (at most 8 min; docs/gpu-check.md); gpu-check: the long way.

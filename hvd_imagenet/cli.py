@@ -4,6 +4,7 @@ an options dataclass whose fields are the flags, and the function that runs it).
 Only the chosen command's module is imported, so `hvd-imagenet schedule` does not wait for Horovod. Problems a
 user can fix end as one line on stderr and exit status 2, with no traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,22 +19,34 @@ COMMANDS = {  # name: (module holding COMMAND, one line of help)
     "train": ("hvd_imagenet.train", "train (run one process per GPU/worker: horovodrun, srun, mpirun)"),
     "schedule": ("hvd_imagenet.schedule", "print the lr of every iteration as CSV"),
     "make-dataset": ("hvd_imagenet.data.make_dataset", "write a small learnable ImageNet-layout set of JPEG files"),
-    "prepare-imagenet": ("hvd_imagenet.data.prepare",
-                         "the official ImageNet archives into the train/<wnid>/, val/<wnid>/ tree, checked"),
+    "prepare-imagenet": (
+        "hvd_imagenet.data.prepare",
+        "the official ImageNet archives into the train/<wnid>/, val/<wnid>/ tree, checked",
+    ),
     "check-data": ("hvd_imagenet.data.check", "decode every image once; report odd and unreadable files"),
     "pack": ("hvd_imagenet.data.pack", "a folder tree into large tar shards and an index (fewer file opens)"),
     "stage": ("hvd_imagenet.data.stage", "copy packed shards to a node-local directory, unless already there"),
     "bench-loader": ("hvd_imagenet.bench.loader", "input pipelines side by side: img/s, CPU-s/img, memory"),
-    "bench-epoch": ("hvd_imagenet.bench.epoch",
-                    "an epoch boundary's cost beyond its steps, part by part, before/after"),
-    "bench-allreduce": ("hvd_imagenet.bench.allreduce",
-                        "gradient allreduce per compressor: time, algbw, busbw, wire bytes"),
-    "bench-train": ("hvd_imagenet.bench.train", "training steps split into forward/backward/allreduce-wait/"
-                                                "optimizer; Horovod vs DDP; weak scaling"),
-    "scaling-model": ("hvd_imagenet.bench.scaling",
-                      "predicted step time, img/s, efficiency and 90-epoch time at 1..32 nodes x 8 GPUs"),
-    "study": ("hvd_imagenet.study.run",
-              "the paper's Table 1 / 2a at small scale: a grid of train runs, study.md and plots"),
+    "bench-epoch": (
+        "hvd_imagenet.bench.epoch",
+        "an epoch boundary's cost beyond its steps, part by part, before/after",
+    ),
+    "bench-allreduce": (
+        "hvd_imagenet.bench.allreduce",
+        "gradient allreduce per compressor: time, algbw, busbw, wire bytes",
+    ),
+    "bench-train": (
+        "hvd_imagenet.bench.train",
+        "training steps split into forward/backward/allreduce-wait/optimizer; Horovod vs DDP; weak scaling",
+    ),
+    "scaling-model": (
+        "hvd_imagenet.bench.scaling",
+        "predicted step time, img/s, efficiency and 90-epoch time at 1..32 nodes x 8 GPUs",
+    ),
+    "study": (
+        "hvd_imagenet.study.run",
+        "the paper's Table 1 / 2a at small scale: a grid of train runs, study.md and plots",
+    ),
 }
 
 
@@ -45,17 +58,22 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     """Every command's name and help; the flags of the chosen one only (its module is imported here)."""
-    parser = Parser(prog="hvd-imagenet", description="ResNet-50 on ImageNet with the recipe of Goyal et al. "
-                                                     "(2017), on Horovod.")
+    parser = Parser(
+        prog="hvd-imagenet", description="ResNet-50 on ImageNet with the recipe of Goyal et al. (2017), on Horovod."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, (module, help_text) in COMMANDS.items():
         if name != chosen:
             commands.add_parser(name, help=help_text)
             continue
         command = importlib.import_module(module).COMMAND
-        sub = commands.add_parser(name, help=help_text, description=command.description or help_text,
-                                  epilog=command.epilog() if command.epilog else None,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=command.description or help_text,
+            epilog=command.epilog() if command.epilog else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         flags.add_flags(sub, command.options)
         sub.set_defaults(command_spec=command, command_parser=sub)
     return parser

@@ -10,6 +10,7 @@ allreduce of each weight matrix by two small allreduces of its low-rank factors 
 element-wise compressor, write one subclass of Horovod's `Compressor` (compress(tensor) -> (tensor, ctx);
 decompress(tensor, ctx) -> tensor) here and add its entry to compression.COMPRESSIONS.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,9 @@ class PowerSGD:
     Runs once per step after backprop (no overlap with it, unlike Horovod's hooks).
     """
 
-    def __init__(self, shapes: list[torch.Size], settings: PowerSGDSettings, device: torch.device,
-                 predivide_factor: float = 1.0):
+    def __init__(
+        self, shapes: list[torch.Size], settings: PowerSGDSettings, device: torch.device, predivide_factor: float = 1.0
+    ):
         self.settings, self.device, self.predivide_factor = settings, device, predivide_factor
         self.matrix_indices = [i for i, shape in enumerate(shapes) if self.compressible(shape)]
         self.vector_indices = sorted(set(range(len(shapes))) - set(self.matrix_indices))
@@ -100,8 +102,10 @@ class PowerSGD:
         self.numels = [shape.numel() for shape in shapes]
         self.errors: dict[int, torch.Tensor] = {}
         generator = torch.Generator().manual_seed(settings.seed)  # the same Q on every rank
-        self.qs = {i: torch.randn(m, self.rank_of(i), generator=generator).to(device)
-                   for i, (n, m) in self.matrix_shapes.items()}
+        self.qs = {
+            i: torch.randn(m, self.rank_of(i), generator=generator).to(device)
+            for i, (n, m) in self.matrix_shapes.items()
+        }
         self.reductions = 0
 
     def state_dict(self) -> dict:
@@ -178,11 +182,16 @@ def _average_flat(tensors: list[torch.Tensor], name: str, predivide_factor: floa
     if not tensors:
         return
     flat = torch.cat([in_memory_order(t) for t in tensors])
-    flat = hvd.allreduce(flat, name=name, op=hvd.Average,  # Horovod
-                         prescale_factor=1.0 / predivide_factor, postscale_factor=predivide_factor)
+    flat = hvd.allreduce(
+        flat,
+        name=name,
+        op=hvd.Average,  # Horovod
+        prescale_factor=1.0 / predivide_factor,
+        postscale_factor=predivide_factor,
+    )
     offset = 0
     for t in tensors:
-        in_memory_order(t).copy_(flat[offset:offset + t.numel()])
+        in_memory_order(t).copy_(flat[offset : offset + t.numel()])
         offset += t.numel()
 
 
@@ -190,8 +199,11 @@ def _average_flat(tensors: list[torch.Tensor], name: str, predivide_factor: floa
 COMPRESSORS = {name: entry.horovod_object() for name, entry in COMPRESSIONS.items()}
 
 
-def init(fusion_threshold_mb: float = HOROVOD_DEFAULTS[0], cycle_time_ms: float = HOROVOD_DEFAULTS[1],
-         hierarchical_allreduce: bool = HOROVOD_DEFAULTS[2]) -> DistContext:
+def init(
+    fusion_threshold_mb: float = HOROVOD_DEFAULTS[0],
+    cycle_time_ms: float = HOROVOD_DEFAULTS[1],
+    hierarchical_allreduce: bool = HOROVOD_DEFAULTS[2],
+) -> DistContext:
     """Start Horovod with these knobs (docs/communication.md), pick this rank's device and share the CPU
     fairly among the ranks of one machine."""
     for name, seconds in STALL_TIMEOUTS.items():
@@ -260,8 +272,12 @@ def controller() -> str:
 
 
 def distributed_optimizer(
-    optimizer: torch.optim.Optimizer, model: torch.nn.Module, compression: str, backward_passes_per_step: int,
-    gradient_predivide_factor: float = 1.0, powersgd: PowerSGDSettings = PowerSGDSettings(),
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    compression: str,
+    backward_passes_per_step: int,
+    gradient_predivide_factor: float = 1.0,
+    powersgd: PowerSGDSettings = PowerSGDSettings(),
 ) -> torch.optim.Optimizer:
     """Wrap the optimizer so step() applies gradients averaged over all ranks.
 
@@ -273,9 +289,11 @@ def distributed_optimizer(
         raise ValueError(f"unknown compression {compression!r}; known: {', '.join(COMPRESSORS)}")
     device = next(model.parameters()).device
     if compression == "bf16" and not BFloat16Compressor.allreduce_supported(device):
-        raise UserError(f"--compression bf16: this Horovod build ({horovod.__version__}) cannot allreduce bfloat16 "
-                        f"tensors on {device.type} (no bfloat16 type in its Gloo, MPI or NCCL operations); use "
-                        "fp16, with --gradient-predivide-factor at large world sizes")
+        raise UserError(
+            f"--compression bf16: this Horovod build ({horovod.__version__}) cannot allreduce bfloat16 "
+            f"tensors on {device.type} (no bfloat16 type in its Gloo, MPI or NCCL operations); use "
+            "fp16, with --gradient-predivide-factor at large world sizes"
+        )
     if COMPRESSORS[compression] is PowerSGD:  # a reducer of its own, not an element-wise Compressor
         shapes = [parameter.shape for parameter in model.parameters()]
         reducer = PowerSGD(shapes, powersgd, device, gradient_predivide_factor)

@@ -9,10 +9,12 @@ An entry says three things:
 To add a compressor: write its Horovod `Compressor` subclass in comm.py (compress(tensor) -> (tensor, ctx);
 decompress(tensor, ctx) -> tensor) and add one entry here. docs/communication.md says more.
 """
+
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
+
+from .registry import resolve
 
 
 @dataclass(frozen=True)
@@ -33,30 +35,37 @@ class Compression:
     ddp_state: str | None = None  # "module:attribute" of a factory of the hook's state, given PowerSGD's rank
 
     def horovod_object(self):
-        return _resolve(self.horovod)
+        return resolve(self.horovod)
 
     def register_ddp_hook(self, model, powersgd_rank: int) -> None:
         """On a DistributedDataParallel model: the hook that does what this compressor does under Horovod."""
         if self.ddp_hook:
-            state = _resolve(self.ddp_state)(powersgd_rank) if self.ddp_state else None
-            model.register_comm_hook(state, _resolve(self.ddp_hook))
-
-
-def _resolve(reference: str):
-    module, attribute = reference.split(":")
-    return getattr(importlib.import_module(module), attribute)
+            state = resolve(self.ddp_state)(powersgd_rank) if self.ddp_state else None
+            model.register_comm_hook(state, resolve(self.ddp_hook))
 
 
 _HOOKS = "torch.distributed.algorithms.ddp_comm_hooks"
 COMPRESSIONS: dict[str, Compression] = {
     "none": Compression("horovod.torch.compression:NoneCompressor", None, Wire(4), "float32 as computed"),
-    "fp16": Compression("horovod.torch.compression:FP16Compressor", f"{_HOOKS}.default_hooks:fp16_compress_hook",
-                        Wire(2, casts=True), "gradients cast to float16 on the wire, back after"),
-    "bf16": Compression("hvd_imagenet.comm:BFloat16Compressor", f"{_HOOKS}.default_hooks:bf16_compress_hook",
-                        Wire(2, casts=True), "bfloat16 on the wire (not in Horovod 0.28.1: refused at start-up)"),
-    "powersgd": Compression("hvd_imagenet.comm:PowerSGD", f"{_HOOKS}.powerSGD_hook:powerSGD_hook",
-                            Wire(4, low_rank=True), "low-rank factors with error feedback (Vogels et al. 2019)",
-                            ddp_state="hvd_imagenet.compression:ddp_powersgd_state"),
+    "fp16": Compression(
+        "horovod.torch.compression:FP16Compressor",
+        f"{_HOOKS}.default_hooks:fp16_compress_hook",
+        Wire(2, casts=True),
+        "gradients cast to float16 on the wire, back after",
+    ),
+    "bf16": Compression(
+        "hvd_imagenet.comm:BFloat16Compressor",
+        f"{_HOOKS}.default_hooks:bf16_compress_hook",
+        Wire(2, casts=True),
+        "bfloat16 on the wire (not in Horovod 0.28.1: refused at start-up)",
+    ),
+    "powersgd": Compression(
+        "hvd_imagenet.comm:PowerSGD",
+        f"{_HOOKS}.powerSGD_hook:powerSGD_hook",
+        Wire(4, low_rank=True),
+        "low-rank factors with error feedback (Vogels et al. 2019)",
+        ddp_state="hvd_imagenet.compression:ddp_powersgd_state",
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """Who this process is among the workers. Plain data: the loaders and benchmarks use it without Horovod,
 which only comm.init() imports and starts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """How many CPUs a process or a rank may use: what it was given (affinity), not what the machine has."""
+
 from __future__ import annotations
 
 import os

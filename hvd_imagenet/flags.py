@@ -8,6 +8,7 @@ __post_init__), so that every command says "--name must be >= 1, not 0" the same
     opt("help", above=0, max=1) in (0, 1]     opt("help", choices=C)    one of C (each item, for a tuple field)
 A nested dataclass field (TrainConfig.lr) contributes its own fields' flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,16 @@ from .errors import UserError
 from .recipes import RECIPES
 
 
-def opt(help: str = "", default=dataclasses.MISSING, *, min=None, above=None, max=None, choices=None,
-        default_factory=dataclasses.MISSING):
+def opt(
+    help: str = "",
+    default=dataclasses.MISSING,
+    *,
+    min=None,
+    above=None,
+    max=None,
+    choices=None,
+    default_factory=dataclasses.MISSING,
+):
     """A dataclass field that is a flag: its help, its default and its bounds."""
     metadata = {"help": help, "min": min, "above": above, "max": max, "choices": choices}
     if default_factory is not dataclasses.MISSING:
@@ -80,10 +89,13 @@ def _comma_list(item_type: type):
         try:
             items = tuple(item_type(item.strip()) for item in text.split(",") if item.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {item_type.__name__} values, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {item_type.__name__} values, got {text!r}"
+            ) from None
         if not items:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
         return items
+
     parse.__name__ = f"{item_type.__name__} list"
     return parse
 
@@ -118,8 +130,9 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(annotation) is tuple:
             item = _item_type(annotation)
-            kwargs.update(type=_comma_list(item), metavar=f"{named or ('N' if item is int else 'A')},...",
-                          action=_ExtendList)
+            kwargs.update(
+                type=_comma_list(item), metavar=f"{named or ('N' if item is int else 'A')},...", action=_ExtendList
+            )
         else:
             kwargs.update(type=_item_type(annotation), metavar=named)
         parser.add_argument(flag_name(f.name), help=help_text, **kwargs)

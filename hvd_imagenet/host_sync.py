@@ -17,6 +17,7 @@ Two counters, one log:
 Each sync is charged to the nearest frame of this package (its call site, e.g. "hvd_imagenet/step.py:97"),
 or to GradScaler's own check or to Horovod when it happens inside them.
 """
+
 from __future__ import annotations
 
 import collections
@@ -37,8 +38,22 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 OWNERS = ("ours", "GradScaler", "Horovod")
 
 # torch functions (by name) that wait for the device whatever their arguments
-READS_ON_HOST = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__format__",
-                 "__repr__", "__str__", "equal", "allclose", "is_nonzero"}
+READS_ON_HOST = {
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "__format__",
+    "__repr__",
+    "__str__",
+    "equal",
+    "allclose",
+    "is_nonzero",
+}
 DATA_DEPENDENT_SHAPES = {"nonzero", "masked_select", "unique", "unique_consecutive", "repeat_interleave"}
 FROM_PYTHON_DATA = {"tensor", "as_tensor", "asarray"}
 BLOCKING_COPIES = ("to(device) without non_blocking", "cuda() without non_blocking")
@@ -165,7 +180,9 @@ def counter(device: torch.device):
 def report(log: SyncLog, steps: int) -> dict:
     """Per optimizer step: our syncs (against SYNC_BUDGET) by call site, and the ones the budget leaves aside."""
     return {
-        "steps": steps, "budget_per_step": SYNC_BUDGET, "per_step": log.count("ours") / steps,
+        "steps": steps,
+        "budget_per_step": SYNC_BUDGET,
+        "per_step": log.count("ours") / steps,
         "sites": {site: n / steps for site, n in log.sites("ours").items()},
         "excluded_per_step": {owner: log.count(owner) / steps for owner in OWNERS[1:]},
         "other_per_step": log.count("other") / steps,

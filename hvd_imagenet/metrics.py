@@ -3,6 +3,7 @@
 Accuracy is total correct / total images over all ranks, never a mean of per-batch or per-rank means
 (those weight a short last batch or a smaller shard like a full one).
 """
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-
 
 # An epoch's sums: a batch's four, then a training step's gradient noise probe (noise_scale.py; zeros if none)
 SUMS = ("loss_sum", "top1_correct", "top5_correct", "count", "grad_sq_small", "grad_sq_big", "noise_probes")
@@ -31,16 +31,18 @@ class EpochSums:
     def of_batch(output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = top5.eq(target[:, None])
-        return torch.stack([
-            loss.detach().double() * target.numel(),
-            hits[:, 0].sum().double(),
-            hits.any(dim=1).sum().double(),
-            target.new_full((), target.numel(), dtype=torch.float64),  # a fill kernel: no host-to-device copy
-        ])
+        return torch.stack(
+            [
+                loss.detach().double() * target.numel(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=1).sum().double(),
+                target.new_full((), target.numel(), dtype=torch.float64),  # a fill kernel: no host-to-device copy
+            ]
+        )
 
     def add(self, totals: torch.Tensor) -> None:
         """A batch's four sums (of_batch), or a step's SUMS."""
-        self.local[:totals.numel()] += totals
+        self.local[: totals.numel()] += totals
 
     def fold(self, name: str) -> tuple[float, ...]:
         """Add every rank's sums since the last fold to `carried` (a collective: every rank must call it)."""
@@ -107,12 +109,19 @@ def read_metrics(output: Path) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     """The per-epoch table the trainer prints at the end of a run."""
-    header = f"{'epoch':>5} {'lr':>8} {'train loss':>10} {'train top1':>10} {'val loss':>8} {'val top1':>8} " \
-             f"{'val top5':>8} {'img/s':>8} {'sec':>6}"
+    header = (
+        f"{'epoch':>5} {'lr':>8} {'train loss':>10} {'train top1':>10} {'val loss':>8} {'val top1':>8} "
+        f"{'val top5':>8} {'img/s':>8} {'sec':>6}"
+    )
     rows = [header]
     for r in records:
-        val = (f"{r['val_loss']:>8.4f} {r['val_top1']:>8.2f} {r['val_top5']:>8.2f}" if r.get("val_top1") is not None
-               else f"{'-':>8} {'-':>8} {'-':>8}")  # an epoch not evaluated (--eval-every)
-        rows.append(f"{r['epoch']:>5} {r['lr']:>8.4f} {r['train_loss']:>10.4f} {r['train_top1']:>10.2f} {val} "
-                    f"{r['images_per_sec']:>8.1f} {r['epoch_seconds']:>6.1f}")
+        val = (
+            f"{r['val_loss']:>8.4f} {r['val_top1']:>8.2f} {r['val_top5']:>8.2f}"
+            if r.get("val_top1") is not None
+            else f"{'-':>8} {'-':>8} {'-':>8}"
+        )  # an epoch not evaluated (--eval-every)
+        rows.append(
+            f"{r['epoch']:>5} {r['lr']:>8.4f} {r['train_loss']:>10.4f} {r['train_top1']:>10.2f} {val} "
+            f"{r['images_per_sec']:>8.1f} {r['epoch_seconds']:>6.1f}"
+        )
     return "\n".join(rows)

@@ -1,5 +1,6 @@
 """torchvision ResNet with the paper's initialization and weight-decay groups (Goyal et al. Sec. 2.3, 5.1), and BN
 over groups of a batch for virtual workers in one pass."""
+
 from __future__ import annotations
 
 import functools
@@ -7,7 +8,6 @@ import functools
 import torch
 import torchvision.models
 from torchvision.models.resnet import BasicBlock
-
 
 # The small-image ResNets of He et al. (2016, Sec. 4.2): 6m+2 layers, m basic blocks in each of 3 stages.
 SMALL_IMAGE_RESNETS = {"cifar_resnet8": 1, "cifar_resnet14": 2, "cifar_resnet20": 3}
@@ -19,8 +19,7 @@ def resnet_names() -> list[str]:
     return sorted([name for name in torchvision.models.resnet.__all__ if name[0].islower()] + [*SMALL_IMAGE_RESNETS])
 
 
-def build_model(arch: str, num_classes: int, zero_init_residual: bool,
-                virtual_workers: int = 1) -> torch.nn.Module:
+def build_model(arch: str, num_classes: int, zero_init_residual: bool, virtual_workers: int = 1) -> torch.nn.Module:
     """A freshly initialized ResNet: a torchvision one by name, or a small-image one (SMALL_IMAGE_RESNETS).
 
     zero_init_residual: gamma = 0 in the last BN of each residual block, so every block starts as the identity
@@ -31,8 +30,9 @@ def build_model(arch: str, num_classes: int, zero_init_residual: bool,
     if arch in SMALL_IMAGE_RESNETS:
         return SmallImageResNet(SMALL_IMAGE_RESNETS[arch], num_classes, zero_init_residual, norm_layer)
     constructor = getattr(torchvision.models, arch)
-    return constructor(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual,
-                       norm_layer=norm_layer)
+    return constructor(
+        weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual, norm_layer=norm_layer
+    )
 
 
 class GroupedBatchNorm2d(torch.nn.BatchNorm2d):
@@ -68,8 +68,9 @@ class GroupedBatchNorm2d(torch.nn.BatchNorm2d):
         scale = self.weight.view(1, 1, -1, 1, 1) * torch.rsqrt(var + self.eps)
         shift = self.bias.view(1, 1, -1, 1, 1) - mean * scale
         if self.track_running_stats:
-            self._update_running_stats(mean.view(self.groups, -1), var.view(self.groups, -1),
-                                       grouped[0].numel() // x.shape[1])
+            self._update_running_stats(
+                mean.view(self.groups, -1), var.view(self.groups, -1), grouped[0].numel() // x.shape[1]
+            )
         # y = x * scale + shift: one fused kernel, in the input's dtype (fp16/bf16 under autocast)
         return torch.addcmul(shift.to(x.dtype), grouped, scale.to(x.dtype)).flatten(0, 1)
 
@@ -92,8 +93,9 @@ class SmallImageResNet(torch.nn.Module):
     that change shape are 1x1 convolutions with BN (torchvision's, He's option B). The study's stand-in for
     ResNet-50: 0.08-0.27M parameters instead of 25.6M, so a 2-core CPU runs thousands of steps an hour."""
 
-    def __init__(self, blocks_per_stage: int, num_classes: int, zero_init_residual: bool,
-                 norm_layer=torch.nn.BatchNorm2d):
+    def __init__(
+        self, blocks_per_stage: int, num_classes: int, zero_init_residual: bool, norm_layer=torch.nn.BatchNorm2d
+    ):
         super().__init__()
         nn = torch.nn
         layers = [nn.Conv2d(3, 16, 3, padding=1, bias=False), norm_layer(16), nn.ReLU(inplace=True)]
@@ -103,8 +105,9 @@ class SmallImageResNet(torch.nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 shortcut = None
                 if stride != 1 or channels != width:
-                    shortcut = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False),
-                                             norm_layer(width))
+                    shortcut = nn.Sequential(
+                        nn.Conv2d(channels, width, 1, stride=stride, bias=False), norm_layer(width)
+                    )
                 layers.append(BasicBlock(channels, width, stride, shortcut, norm_layer=norm_layer))
                 channels = width
         self.features = nn.Sequential(*layers)

@@ -13,6 +13,7 @@ the step's gradient averaged over all ranks and passes (kn images). Both squared
 sums (metrics.EpochSums), which are reduced across ranks once per epoch anyway: no collective and no host
 synchronization in the step. The per-epoch means of the two stand for the paper's moving averages.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ class NoiseProbe:
 
     def __init__(self, model: torch.nn.Module):
         self.armed, self.norms = False, []
-        self.handles = [p.register_post_accumulate_grad_hook(self._collect)
-                        for p in model.parameters() if p.requires_grad]
+        self.handles = [
+            p.register_post_accumulate_grad_hook(self._collect) for p in model.parameters() if p.requires_grad
+        ]
 
     def _collect(self, param: torch.Tensor) -> None:
         if self.armed:

@@ -1,4 +1,5 @@
 """--precision: autocast for forward and loss (PyTorch's AMP). torch is imported when a context is built."""
+
 from __future__ import annotations
 
 PRECISIONS = {"fp32": None, "amp-fp16": "float16", "amp-bf16": "bfloat16"}  # --precision: autocast dtype

@@ -9,6 +9,7 @@ file, as horovodrun, mpirun and SLURM give it) a plain status line every `every`
 Reading the loss is a host sync: it happens on rank 0 alone, only when a line or the bar is drawn.
 WorkProgress: the same two forms for the long data commands (prepare-imagenet, pack, stage).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,19 +23,36 @@ BAR_EVERY = 10  # steps between a terminal bar's loss/lr/img/s updates
 
 
 class EpochProgress:
-    def __init__(self, enabled: bool, epoch: int, epochs: int, first_step: int, steps: int, global_batch: int,
-                 every: float, terminal: bool | None = None):
+    def __init__(
+        self,
+        enabled: bool,
+        epoch: int,
+        epochs: int,
+        first_step: int,
+        steps: int,
+        global_batch: int,
+        every: float,
+        terminal: bool | None = None,
+    ):
         self.enabled, self.epoch, self.epochs, self.steps = enabled, epoch, epochs, steps
         self.first_step, self.global_batch, self.every = first_step, global_batch, every
         self.terminal = sys.stdout.isatty() if terminal is None else terminal
         self.start = self.last_line = time.perf_counter()
         self.bar = None
         if enabled and self.terminal:
-            self.bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
-                            file=sys.stdout, dynamic_ncols=True, leave=False)
+            self.bar = tqdm(
+                total=steps,
+                initial=first_step,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                unit="step",
+                file=sys.stdout,
+                dynamic_ncols=True,
+                leave=False,
+            )
         elif enabled:
-            print(f"epoch {epoch + 1}/{epochs}: steps {first_step + 1}-{steps} of {steps}, kn={global_batch}",
-                  flush=True)
+            print(
+                f"epoch {epoch + 1}/{epochs}: steps {first_step + 1}-{steps} of {steps}, kn={global_batch}", flush=True
+            )
 
     def update(self, step: int, loss, lr: float) -> None:
         """After step `step` (0-based) of the epoch; `loss` a device tensor, read only when shown."""
@@ -44,8 +62,11 @@ class EpochProgress:
         if self.bar is not None:
             self.bar.update()
             if step % BAR_EVERY == 0 or step == self.steps - 1:
-                self.bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4g}",  # host sync, rank 0 only
-                                     img_s=f"{self.images_per_sec(step, now):.1f}")
+                self.bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    lr=f"{lr:.4g}",  # host sync, rank 0 only
+                    img_s=f"{self.images_per_sec(step, now):.1f}",
+                )
         elif now - self.last_line >= self.every:
             self.last_line = now
             print(self.line(step, loss.item(), lr, now), flush=True)  # host sync, rank 0 only
@@ -57,9 +78,11 @@ class EpochProgress:
         seconds_per_step = (now - self.start) / (step + 1 - self.first_step)
         left_in_epoch = self.steps - step - 1
         left_in_run = left_in_epoch + (self.epochs - self.epoch - 1) * self.steps  # evaluation not counted
-        return (f"epoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} | loss {loss:.3f} | "
-                f"lr {lr:.4g} | {self.images_per_sec(step, now):.1f} img/s | epoch ETA "
-                f"{_duration(left_in_epoch * seconds_per_step)} | run ETA {_duration(left_in_run * seconds_per_step)}")
+        return (
+            f"epoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} | loss {loss:.3f} | "
+            f"lr {lr:.4g} | {self.images_per_sec(step, now):.1f} img/s | epoch ETA "
+            f"{_duration(left_in_epoch * seconds_per_step)} | run ETA {_duration(left_in_run * seconds_per_step)}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -92,8 +115,9 @@ class WorkProgress:
             now = time.perf_counter()
             if self.bar is not None:
                 self.bar.update(count)
-                self.bar.set_postfix_str(f"{self.bytes / 1e9:.1f} GB, "
-                                         f"{self.bytes / 1e6 / (now - self.start):.1f} MB/s", refresh=False)
+                self.bar.set_postfix_str(
+                    f"{self.bytes / 1e9:.1f} GB, {self.bytes / 1e6 / (now - self.start):.1f} MB/s", refresh=False
+                )
             elif now - self.last_line >= self.every:
                 self.last_line = now
                 print(self.line(now), file=sys.stderr, flush=True)
@@ -101,8 +125,10 @@ class WorkProgress:
     def line(self, now: float) -> str:
         seconds = max(now - self.start, 1e-9)
         left = (self.total - self.done) * seconds / self.done if self.done else 0
-        return (f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f} %), "
-                f"{self.bytes / 1e9:.2f} GB, {self.bytes / 1e6 / seconds:.1f} MB/s, ETA {_duration(left)}")
+        return (
+            f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f} %), "
+            f"{self.bytes / 1e9:.2f} GB, {self.bytes / 1e6 / seconds:.1f} MB/s, ETA {_duration(left)}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

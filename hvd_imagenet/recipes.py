@@ -11,21 +11,52 @@ No torch, no Horovod: `--help` prints the table below.
                 Its 40k-batch config (316 x 8 x 16): peak lr 19.4, 24 warmup epochs, 70 epochs, wd 1e-4,
                 momentum 0.95. Quality target 75.9 % top-1.
 """
+
 from __future__ import annotations
 
 RECIPES: dict[str, dict] = {
     "goyal2017": {},
     "mlperf-v4": {
-        "optimizer": "lars", "batch_size": 50, "base_lr": 11.0, "ref_batch": 3200, "lr_scaling": "linear",
-        "warmup": "linear", "warmup_epochs": 2.0, "epochs": 37, "lr_schedule": "poly", "poly_power": 2.0,
-        "end_lr": 1e-4, "weight_decay": 5e-5, "momentum": 0.9, "nesterov": False, "label_smoothing": 0.1,
-        "eval_every": 4, "lars_eta": 0.001, "lars_epsilon": 0.0,
+        "optimizer": "lars",
+        "batch_size": 50,
+        "base_lr": 11.0,
+        "ref_batch": 3200,
+        "lr_scaling": "linear",
+        "warmup": "linear",
+        "warmup_epochs": 2.0,
+        "epochs": 37,
+        "lr_schedule": "poly",
+        "poly_power": 2.0,
+        "end_lr": 1e-4,
+        "weight_decay": 5e-5,
+        "momentum": 0.9,
+        "nesterov": False,
+        "label_smoothing": 0.1,
+        "eval_every": 4,
+        "lars_eta": 0.001,
+        "lars_epsilon": 0.0,
     },
 }
 TARGETS = {"goyal2017": "76.3 % top-1 (Table 1, kn = 8k: 23.74 % error)", "mlperf-v4": "75.9 % top-1"}
-SHOWN = ("optimizer", "batch_size", "base_lr", "ref_batch", "warmup", "warmup_epochs", "epochs", "lr_schedule",
-         "lr_steps", "poly_power", "end_lr", "weight_decay", "momentum", "nesterov", "label_smoothing", "eval_every",
-         "lars_eta")
+SHOWN = (
+    "optimizer",
+    "batch_size",
+    "base_lr",
+    "ref_batch",
+    "warmup",
+    "warmup_epochs",
+    "epochs",
+    "lr_schedule",
+    "lr_steps",
+    "poly_power",
+    "end_lr",
+    "weight_decay",
+    "momentum",
+    "nesterov",
+    "label_smoothing",
+    "eval_every",
+    "lars_eta",
+)
 
 
 def defaults(recipe: str, base: dict) -> dict:
@@ -37,8 +68,9 @@ def table(base: dict) -> str:
     """The recipes side by side, one flag per line, for a command whose flags' defaults are `base` (train
     --help, schedule --help, the README)."""
     values = {recipe: defaults(recipe, base) for recipe in RECIPES}
-    rows = [("flag", *RECIPES)] + [("--" + name.replace("_", "-"), *(_cell(name, values[r]) for r in RECIPES))
-                                   for name in SHOWN if name in base]
+    rows = [("flag", *RECIPES)] + [
+        ("--" + name.replace("_", "-"), *(_cell(name, values[r]) for r in RECIPES)) for name in SHOWN if name in base
+    ]
     rows.append(("target", *(TARGETS[r] for r in RECIPES)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
@@ -47,8 +79,12 @@ def table(base: dict) -> str:
 def _cell(name: str, values: dict) -> str:
     """A value as the table shows it; "-" where the recipe's other choices make the flag unused."""
     schedule = values["lr_schedule"]
-    unused = {"lr_steps": schedule != "step", "poly_power": schedule != "poly", "end_lr": schedule == "step",
-              "lars_eta": values.get("optimizer") != "lars"}
+    unused = {
+        "lr_steps": schedule != "step",
+        "poly_power": schedule != "poly",
+        "end_lr": schedule == "step",
+        "lars_eta": values.get("optimizer") != "lars",
+    }
     return "-" if unused.get(name) else _show(values[name])
 
 

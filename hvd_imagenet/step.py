@@ -7,17 +7,20 @@ and `bench-train` times (NVIDIA DLE's train_step, apart from the loop).
     (optimizers/: SGD or LARS), or skip with the BN statistics restored
 
 A step returns what happened; the trainer decides what a skipped step means (skip on, or stop the run).
+`evaluate` (the validation pass) sits beside it.
 Host synchronizations, each marked `# host sync` where it is: Horovod's synchronize(), and one of our own, the
 finite check (whether the step is applied decides what the host does next); under amp-fp16 also GradScaler's
 own check in step(), which finds the device idle after ours. host_sync.py counts them (tests/test_host_syncs.py
 holds the step to host_sync.SYNC_BUDGET). Everything else stays on the device: the metric sums, the loss, the
 BN snapshot (two fused copies a step, one per dtype).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +29,14 @@ from .noise_scale import NoiseProbe
 
 # Phases of a step, as `on_phase` names them when it ends (bench-train's columns):
 PHASES = ("data", "forward", "backward", "allreduce_wait", "optimizer")
+
+
+class Training(NamedTuple):
+    """What a step updates and a checkpoint keeps (train.build_training makes it)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer  # Horovod's DistributedOptimizer around optimizers/'s
+    scaler: torch.amp.GradScaler  # amp-fp16's loss scale; disabled otherwise
 
 
 @dataclass
@@ -39,18 +50,27 @@ class TrainStep:
     """Built once per run; `step(batches, lr)` does one optimizer step on the next `micro_batches` of n.
 
     restore_bn: keep a copy of the BN running statistics before the forward passes, to put back when the
-    step is skipped (--skip-nonfinite, and amp-fp16's overflow skips). label_smoothing: the training loss's
-    (validation's stays plain cross-entropy). noise_probe: measure the squared norms of the first pass's gradient
-    and of the averaged one (noise_scale.py). on_phase: called with a phase's name when it ends (bench-train's
-    clock); None costs one `if` per phase."""
+    step is skipped (--skip-nonfinite, and amp-fp16's overflow skips). criterion: the training loss, the
+    micro-batch's mean (losses.py; default plain cross-entropy; validation's stays plain cross-entropy).
+    noise_probe: measure the squared norms of the first pass's gradient and of the averaged one (noise_scale.py).
+    on_phase: called with a phase's name when it ends (bench-train's clock); None costs one `if` per phase."""
 
-    def __init__(self, model: torch.nn.Module, optimizer, scaler: torch.amp.GradScaler, autocast,
-                 micro_batches: int, max_grad_norm: float = 0.0, restore_bn: bool = False,
-                 label_smoothing: float = 0.0, noise_probe: bool = False,
-                 on_phase: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer,
+        scaler: torch.amp.GradScaler,
+        autocast,
+        micro_batches: int,
+        max_grad_norm: float = 0.0,
+        restore_bn: bool = False,
+        criterion: torch.nn.Module | None = None,
+        noise_probe: bool = False,
+        on_phase: Callable[[str], None] | None = None,
+    ):
         self.model, self.optimizer, self.scaler, self.autocast = model, optimizer, scaler, autocast
         self.micro_batches, self.max_grad_norm, self.on_phase = micro_batches, max_grad_norm, on_phase
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.criterion = criterion if criterion is not None else torch.nn.CrossEntropyLoss()
         self.bn = BNSnapshot(model) if restore_bn else None
         self.probe = NoiseProbe(model) if noise_probe else None
         self.no_probe = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
@@ -130,8 +150,11 @@ class BNSnapshot:
     fused multi-tensor copy per dtype (float statistics, int64 counts), not one kernel per buffer."""
 
     def __init__(self, model: torch.nn.Module):
-        live = [buffer for name, buffer in model.named_buffers()
-                if name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        live = [
+            buffer
+            for name, buffer in model.named_buffers()
+            if name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        ]
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for buffer in live:
             by_dtype.setdefault(buffer.dtype, []).append(buffer)
@@ -180,3 +203,18 @@ class PhaseClock:
         now = self.now()
         self.seconds[phase] += now - self.last
         self.last = now
+
+
+@torch.no_grad()
+def evaluate(model, batches, device: torch.device, autocast, on_batch) -> dict:
+    """This rank's shard of val, with the plain cross-entropy loss (no label smoothing); the sums over all ranks
+    count every val image exactly once (a collective: every rank calls it). on_batch() after each batch."""
+    model.eval()
+    sums = EpochSums(device)
+    for images, target in batches:
+        with autocast:
+            output = model(images)
+            loss = torch.nn.functional.cross_entropy(output, target)
+        sums.add(EpochSums.of_batch(output.float(), target, loss.float()))
+        on_batch()
+    return sums.reduce("val_sums")

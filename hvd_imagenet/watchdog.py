@@ -15,6 +15,7 @@ while the main thread waits in Horovod's synchronize (it releases the GIL; check
 The line is written with os.write and nothing else is touched on the way out: on a hung file system, even
 the log file or the checkpoint directory could block the watchdog itself.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ class Watchdog:
         self.paused = False
         self.thread = threading.Thread(target=self.watch, name="hang-watchdog", daemon=True)
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         if self.timeout > 0:
             self.thread.start()
         return self
@@ -95,9 +96,11 @@ class Watchdog:
     def message(self, silent: float) -> str:
         rank = self.rank()
         who = f"rank {rank}" if rank is not None else "a rank (before Horovod started)"
-        return (f"hvd-imagenet train: {who} (host {socket.gethostname()}, pid {os.getpid()}): no progress for "
-                f"{silent:.0f} s (--hang-timeout {self.timeout:g}) {self.where()}; ending this rank (exit status "
-                f"{EXIT_STATUS}) so that the launcher ends the job; {self.restart_hint()}")
+        return (
+            f"hvd-imagenet train: {who} (host {socket.gethostname()}, pid {os.getpid()}): no progress for "
+            f"{silent:.0f} s (--hang-timeout {self.timeout:g}) {self.where()}; ending this rank (exit status "
+            f"{EXIT_STATUS}) so that the launcher ends the job; {self.restart_hint()}"
+        )
 
     def where(self) -> str:
         if self.last_step is None:
@@ -109,6 +112,8 @@ class Watchdog:
         if self.resume_from:
             return f"--resume continues from {self.resume_from}"
         if self.pending:
-            return f"--resume continues from the newest complete checkpoint in {self.checkpoints} " \
-                   f"(rank 0 was writing {os.path.basename(self.pending)})"
+            return (
+                f"--resume continues from the newest complete checkpoint in {self.checkpoints} "
+                f"(rank 0 was writing {os.path.basename(self.pending)})"
+            )
         return f"no checkpoint of this run is known to this rank yet ({self.checkpoints})"

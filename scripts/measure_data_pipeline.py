@@ -12,6 +12,7 @@ larger of the image-rate and the byte-rate estimate, since the rehearsal's JPEGs
 The archives were just written, so they are read from the page cache: rates are this machine's CPU and local
 disk, not a download's or a shared file system's.
 """
+
 import argparse
 import json
 import os
@@ -54,20 +55,37 @@ def main() -> None:
     options = parser.parse_args()
     work, workers = options.workdir, str(options.workers)
     downloads, tree, shards, staged = (work / name for name in ("downloads", "imagenet", "shards", "staged"))
-    timed("make-dataset", "--kind", "archives", "--output", str(downloads), "--classes", str(options.classes),
-          "--train-per-class", str(options.train_per_class), "--val-per-class", str(options.val_per_class))
-    archives = [downloads / "ILSVRC2012_img_train.tar", downloads / "ILSVRC2012_img_val.tar",
-                downloads / "ILSVRC2012_devkit_t12.tar.gz"]
+    timed(
+        "make-dataset",
+        "--kind",
+        "archives",
+        "--output",
+        str(downloads),
+        "--classes",
+        str(options.classes),
+        "--train-per-class",
+        str(options.train_per_class),
+        "--val-per-class",
+        str(options.val_per_class),
+    )
+    archives = [
+        downloads / "ILSVRC2012_img_train.tar",
+        downloads / "ILSVRC2012_img_val.tar",
+        downloads / "ILSVRC2012_devkit_t12.tar.gz",
+    ]
     sources = ["--train-tar", str(archives[0]), "--val-tar", str(archives[1]), "--devkit", str(archives[2])]
     images = options.classes * (options.train_per_class + options.val_per_class)
     archive_bytes = sum(path.stat().st_size for path in archives)
 
     seconds = {  # step: (its command, seconds)
-        "md5 check (prepare-imagenet's --verify)":
-            ("prepare-imagenet", timed("prepare-imagenet", *sources, "--output", str(work / "verify"), expect=2)),
-        "prepare-imagenet --no-verify":
-            ("prepare-imagenet",
-             timed("prepare-imagenet", *sources, "--output", str(tree), "--no-verify", "--workers", workers)),
+        "md5 check (prepare-imagenet's --verify)": (
+            "prepare-imagenet",
+            timed("prepare-imagenet", *sources, "--output", str(work / "verify"), expect=2),
+        ),
+        "prepare-imagenet --no-verify": (
+            "prepare-imagenet",
+            timed("prepare-imagenet", *sources, "--output", str(tree), "--no-verify", "--workers", workers),
+        ),
         "pack": ("pack", timed("pack", "--data", str(tree), "--output", str(shards), "--workers", workers)),
         "stage": ("stage", timed("stage", "--shards", str(shards), "--to", str(staged))),
     }
@@ -78,21 +96,37 @@ def main() -> None:
         start = startup(command)
         work, read = wall - start, reads.get(step, archive_bytes)
         scale = max(IMAGENET["images"] / images, IMAGENET["archive_bytes"] / archive_bytes)
-        rows.append({"step": step, "seconds": round(wall, 2), "startup_seconds": round(start, 2),
-                     "images_per_sec": round(images / work, 1), "read_mb_per_sec": round(read / 1e6 / work, 1),
-                     "bytes_read": read, "bytes_left_on_disk": leaves.get(step, 0),
-                     "imagenet_estimate_hours": round((start + work * scale) / 3600, 2),
-                     "imagenet_disk_estimate_gb": round(leaves.get(step, 0) * scale / 1e9, 1)})
-    print(json.dumps({
-        "measurement": "data pipeline, rehearsal archives (make-dataset --kind archives)",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; archives in the page cache",
-        "images": images, "archive_bytes": archive_bytes, "mean_image_kb": round(archive_bytes / images / 1e3, 1),
-        "imagenet": IMAGENET, "imagenet_mean_image_kb": round(IMAGENET["archive_bytes"] / IMAGENET["images"] / 1e3, 1),
-        "extrapolation": "ImageNet time = start-up + (step time - start-up) x the larger of (ImageNet images / "
-                         "images, ImageNet archive bytes / archive bytes); disk likewise",
-        "steps": rows,
-    }, indent=1))
+        rows.append(
+            {
+                "step": step,
+                "seconds": round(wall, 2),
+                "startup_seconds": round(start, 2),
+                "images_per_sec": round(images / work, 1),
+                "read_mb_per_sec": round(read / 1e6 / work, 1),
+                "bytes_read": read,
+                "bytes_left_on_disk": leaves.get(step, 0),
+                "imagenet_estimate_hours": round((start + work * scale) / 3600, 2),
+                "imagenet_disk_estimate_gb": round(leaves.get(step, 0) * scale / 1e9, 1),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "measurement": "data pipeline, rehearsal archives (make-dataset --kind archives)",
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU; archives in the page cache",
+                "images": images,
+                "archive_bytes": archive_bytes,
+                "mean_image_kb": round(archive_bytes / images / 1e3, 1),
+                "imagenet": IMAGENET,
+                "imagenet_mean_image_kb": round(IMAGENET["archive_bytes"] / IMAGENET["images"] / 1e3, 1),
+                "extrapolation": "ImageNet time = start-up + (step time - start-up) x the larger of (ImageNet images / "
+                "images, ImageNet archive bytes / archive bytes); disk likewise",
+                "steps": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

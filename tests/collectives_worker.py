@@ -3,6 +3,7 @@ Horovod patch allows, on this rank's device. Run under horovodrun by tests/test_
 ranks, Gloo and MPI) and tests/test_gpu.py (NCCL, 1 rank); rank 0 writes what it found to argv[1] as JSON.
 Every rank's tensor holds different values, so a reduction over flat buffers of mismatched layouts, or an
 output in another layout than its input, gives wrong numbers, not just other strides."""
+
 import json
 import sys
 
@@ -50,22 +51,28 @@ found["broadcast"] = torch.equal(root, logical(0)) and torch.equal(broadcast, lo
 
 # A model in channels_last: Horovod broadcasts its weights from rank 0, and after a step the ranks agree.
 torch.manual_seed(ctx.rank)  # different weights on every rank until the broadcast
-model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                            torch.nn.Conv2d(8, 4, 3)).to(ctx.device, memory_format=torch.channels_last)
-optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                     named_parameters=model.named_parameters(), op=hvd.Average)
+model = torch.nn.Sequential(
+    torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)
+).to(ctx.device, memory_format=torch.channels_last)
+optimizer = hvd.DistributedOptimizer(
+    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), named_parameters=model.named_parameters(), op=hvd.Average
+)
 hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 model(nhwc(torch.randn(2, 3, 9, 9, device=ctx.device) + ctx.rank)).square().mean().backward()
 optimizer.step()
-found["weights_nhwc"] = all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters()
-                            if p.dim() == 4)
-found["grads_nhwc"] = all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in model.parameters()
-                          if p.dim() == 4)
+found["weights_nhwc"] = all(
+    p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4
+)
+found["grads_nhwc"] = all(
+    p.grad.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4
+)
 digest = sum(float(p.detach().double().sum()) * (i + 1) for i, p in enumerate(model.parameters()))
 found["step_digests_equal"] = len(set(hvd.allgather_object(digest))) == 1
 
-for name, call in [("not_dense", lambda: hvd.allreduce(mine[:, :, :2])),
-                   ("allgather_nhwc", lambda: hvd.allgather(mine))]:
+for name, call in [
+    ("not_dense", lambda: hvd.allreduce(mine[:, :, :2])),
+    ("allgather_nhwc", lambda: hvd.allgather(mine)),
+]:
     try:
         call()
         found[name] = "accepted"

@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny generated data sets (plain, with real ImageNet's odd files, packed into shards) and
-helpers that run the real CLI, alone or under horovodrun."""
-import json
+"""Shared fixtures and helpers: one generated data set per kind (tiny, odd files, packed, digits), the real CLI
+alone or under horovodrun, `wait_for`; and the test tiers (markers unit, cli, horovod, slurm: one per test)."""
+
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,17 @@ from PIL import Image
 
 from hvd_imagenet.config import TrainConfig
 from hvd_imagenet.context import DistContext
-from hvd_imagenet.data import build_loaders
-from hvd_imagenet.data.make_dataset import make_dataset
+from hvd_imagenet.data.loaders import build_loaders
+from hvd_imagenet.data.make_dataset import make_dataset, make_digits
+from hvd_imagenet.metrics import read_metrics
 
+TIERS = ("unit", "cli", "horovod", "slurm")  # by what a test starts (docs/architecture.md, "Contributing")
 BIN = Path(sys.executable).parent  # the venv's bin: hvd-imagenet, horovodrun
 
 # Small enough for 2 ranks on 2 CPU cores: resnet18 at 32 px, 4 images per rank per micro-batch.
-TINY_TRAIN = ["--arch", "resnet18", "--image-size", "32", "--val-resize", "36", "--batch-size", "4",
-              "--warmup-epochs", "1", "--lr-steps", "1", "--workers", "1"]
+TINY_TRAIN = (
+    "--arch resnet18 --image-size 32 --val-resize 36 --batch-size 4 --warmup-epochs 1 --lr-steps 1 --workers 1".split()
+)
 
 
 def cli_env() -> dict:
@@ -30,14 +34,19 @@ def cli_env() -> dict:
 
 
 def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "hvd-imagenet"), *map(str, args)], capture_output=True, text=True,
-                          env=cli_env(), timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "hvd-imagenet"), *map(str, args)], capture_output=True, text=True, env=cli_env(), timeout=timeout
+    )
+
+
+def horovodrun(np: int, controller: str, *program) -> list[str]:
+    """`horovodrun -np N -H localhost:N <controller> <program...>`: N ranks on this machine."""
+    return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", controller, *map(str, program)]
 
 
 def run_horovod(*args, np=2, controller="--gloo", timeout=300, check=True) -> subprocess.CompletedProcess:
     """`horovodrun -np 2 -H localhost:2 <controller> hvd-imagenet train ...`, as a user runs it."""
-    command = [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", controller,
-               "hvd-imagenet", "train", *map(str, args)]
+    command = horovodrun(np, controller, "hvd-imagenet", "train", *args)
     result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=timeout)
     if check:
         assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -51,8 +60,16 @@ def rank(r: int, size: int) -> DistContext:
 
 def loaders(data, loader, ctx, **overrides):
     """One rank's loaders at test scale: 32 px crops, batch 2, one worker or thread."""
-    options = dict(data=str(data), output="unused", loader=loader, batch_size=2, image_size=32, val_resize=36,
-                   workers=1, dali_threads=1)
+    options = dict(
+        data=str(data),
+        output="unused",
+        loader=loader,
+        batch_size=2,
+        image_size=32,
+        val_resize=36,
+        workers=1,
+        dali_threads=1,
+    )
     return build_loaders(TrainConfig(**{**options, **overrides}), ctx)
 
 
@@ -75,8 +92,31 @@ def shared_memory_files() -> set[Path]:
     return set(Path("/dev/shm").glob("hvd-imagenet-*"))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def poll(condition, timeout: float, interval: float = 0.2):
+    """condition()'s first true value within `timeout` seconds, checked every `interval`; None if none came."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() >= deadline:
+            return value or None
+        time.sleep(interval)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2, detail=lambda: ""):
+    """poll(condition), failing the test after `timeout` seconds with what it waited for and detail() (a log's
+    tail, a job's state)."""
+    value = poll(condition, timeout, interval)
+    if value is None:
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}".rstrip())
+    return value
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """`make-dataset --kind digits`: scikit-learn's 1,797 digits, 1,438 train / 359 val, 10 classes."""
+    root = tmp_path_factory.mktemp("digits") / "data"
+    make_digits(root)
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -127,10 +167,23 @@ def tiny_shards(tiny_data, tmp_path_factory) -> Path:
 def assert_epoch_2_equal(whole: Path, split: Path) -> None:
     """A run resumed after epoch 1 (`split`) ends epoch 2 as the uninterrupted run (`whole`): the same metrics
     and the same weights, bit for bit."""
-    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    a, b = read_metrics(whole), read_metrics(split)
     assert len(a) == len(b) == 2
     for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "weights_digests"):
         assert a[1][key] == b[1][key], key
     wa = torch.load(whole / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
     wb = torch.load(split / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[name], wb[name]) for name in wa)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test has exactly one tier mark (its own, or its module's pytestmark: not both, since `-m unit` selects
+    a test that carries the mark at any level)."""
+    wrong = {}
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong[item.nodeid] = ", ".join(tiers) or "none"
+    if wrong:
+        listed = "\n".join(f"{nodeid}: {tiers}" for nodeid, tiers in wrong.items())
+        raise pytest.UsageError(f"each test needs exactly one tier mark of {', '.join(TIERS)}:\n{listed}")

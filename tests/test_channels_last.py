@@ -1,6 +1,7 @@
 """--channels-last: NHWC weights (and batches) under Horovod with our patch, on the CPU under 2 ranks, Gloo and
 MPI. Horovod 0.28.1 refuses tensors that are not is_contiguous(); its C++ side reduces flat buffers, so a
 tensor dense in the channels_last format reduces correctly when every rank holds the same layout."""
+
 import json
 import subprocess
 import sys
@@ -8,8 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_env, horovodrun, run_horovod
 
-from conftest import BIN, cli_env, read_jsonl, run_horovod
+from hvd_imagenet.metrics import read_metrics
+
+pytestmark = pytest.mark.horovod
 
 WORKER = Path(__file__).with_name("collectives_worker.py")
 
@@ -17,8 +21,7 @@ WORKER = Path(__file__).with_name("collectives_worker.py")
 def run_collectives(tmp_path: Path, np: int, controller: str) -> dict:
     """tests/collectives_worker.py under horovodrun; what rank 0 found."""
     result = tmp_path / f"collectives{controller}.json"
-    command = [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", controller, sys.executable,
-               str(WORKER), str(result)]
+    command = horovodrun(np, controller, sys.executable, WORKER, result)
     done = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(result.read_text())
@@ -27,8 +30,17 @@ def run_collectives(tmp_path: Path, np: int, controller: str) -> dict:
 def check_collectives(found: dict) -> None:
     """Every element-wise collective gives the right values in the input's layout; others still refuse NHWC."""
     assert found["is_nhwc"]
-    for check in ("allreduce", "allreduce_output_nhwc", "allreduce_in_place", "grouped_allreduce",
-                  "fp16_output_nhwc", "broadcast", "weights_nhwc", "grads_nhwc", "step_digests_equal"):
+    for check in (
+        "allreduce",
+        "allreduce_output_nhwc",
+        "allreduce_in_place",
+        "grouped_allreduce",
+        "fp16_output_nhwc",
+        "broadcast",
+        "weights_nhwc",
+        "grads_nhwc",
+        "step_digests_equal",
+    ):
         assert found[check] is True, check
     assert found["fp16_max_error"] <= 1.0  # half an fp16 ulp at the sums' magnitude (~2000)
     assert found["not_dense"] == "Tensor is required to be contiguous or dense in the channels_last memory format."
@@ -43,8 +55,26 @@ def test_horovod_reduces_and_broadcasts_dense_nhwc_tensors(tmp_path, controller)
 # cifar_resnet20 at 32 px: convolutions in NHWC and NCHW round differently, and the runs must stay within float
 # tolerance (measured: weights 1.7e-7 apart after 6 steps). Not resnet18 at 32 px: its last stage is 1 x 1 px,
 # BN normalizes over 4 values there and amplifies the rounding (measured: 1.5e-3 apart).
-TRAIN = ["--arch", "cifar_resnet20", "--image-size", "32", "--val-resize", "36", "--batch-size", "4",
-         "--warmup-epochs", "1", "--lr-steps", "1", "--workers", "1", "--loader", "torchvision", "--epochs", "1"]
+TRAIN = [
+    "--arch",
+    "cifar_resnet20",
+    "--image-size",
+    "32",
+    "--val-resize",
+    "36",
+    "--batch-size",
+    "4",
+    "--warmup-epochs",
+    "1",
+    "--lr-steps",
+    "1",
+    "--workers",
+    "1",
+    "--loader",
+    "torchvision",
+    "--epochs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +94,7 @@ def test_channels_last_training_matches_nchw(tiny_data, tmp_path, nchw_run, cont
     losses and weights to float tolerance."""
     output = tmp_path / "run"
     run_horovod("--data", tiny_data, "--output", output, "--channels-last", *TRAIN, controller=controller)
-    nhwc, nchw = read_jsonl(output / "metrics.jsonl")[0], read_jsonl(nchw_run / "metrics.jsonl")[0]
+    nhwc, nchw = read_metrics(output)[0], read_metrics(nchw_run)[0]
     assert nhwc["weights_digests"][0] == nhwc["weights_digests"][1]
     for key in ("train_loss", "val_loss"):
         assert nhwc[key] == pytest.approx(nchw[key], rel=1e-5), key

@@ -1,5 +1,6 @@
 """Issue 4: compressors, PowerSGD with error feedback, AMP, Horovod knobs, bench-allreduce, bench-train and
 the scaling model. Horovod runs for real (horovodrun, Gloo); the shaped link needs root, ip and tc."""
+
 import json
 import math
 import subprocess
@@ -7,14 +8,16 @@ import sys
 
 import pytest
 import torch
+from conftest import BIN, TINY_TRAIN, cli_env, horovodrun, run_cli, run_horovod
 
-from conftest import BIN, TINY_TRAIN, cli_env, read_jsonl, run_cli, run_horovod
 from hvd_imagenet.bench.launch import shaping_problem
 from hvd_imagenet.bench.scaling import Cluster, Gradients, allreduce_seconds, predict
 from hvd_imagenet.config import TrainConfig
 from hvd_imagenet.errors import UserError
+from hvd_imagenet.metrics import read_metrics
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, tolerance", [("none", 0.0), ("fp16", 2**-11), ("bf16", 2**-8)])
 def test_elementwise_compressors_round_trip(name, tolerance):
     from hvd_imagenet.comm import COMPRESSORS
@@ -30,7 +33,7 @@ def test_elementwise_compressors_round_trip(name, tolerance):
     assert relative <= tolerance  # round to nearest: half an ulp of an 11- (fp16) or 8-bit (bf16) significand
 
 
-POWERSGD_WORKER = r'''
+POWERSGD_WORKER = r"""
 import json, sys
 import torch
 from hvd_imagenet import comm
@@ -79,14 +82,14 @@ except UserError as error:
 if ctx.rank == 0:
     open(sys.argv[1], "w").write(json.dumps(out))
 comm.shutdown()
-'''
+"""
 
 
+@pytest.mark.horovod
 def test_powersgd_under_two_ranks(tmp_path):
     script, result_file = tmp_path / "worker.py", tmp_path / "result.json"
     script.write_text(POWERSGD_WORKER)
-    command = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(script),
-               str(result_file)]
+    command = horovodrun(2, "--gloo", sys.executable, script, result_file)
     done = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads(result_file.read_text())
@@ -100,43 +103,79 @@ def test_powersgd_under_two_ranks(tmp_path):
     assert "cannot allreduce bfloat16" in out["bf16"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from hvd_imagenet.data.make_dataset import make_digits
-
-    root = tmp_path_factory.mktemp("digits") / "data"
-    make_digits(root)
-    return root
-
-
+@pytest.mark.horovod
 def test_powersgd_trains_like_uncompressed(digits, tmp_path):
     """cifar_resnet8 on the digits, 6 epochs, 2 ranks: PowerSGD rank 2 from the first step against plain
     averaging. Measured here: final train loss 1.03 vs 0.92, val top-1 72.7 vs 68.3 %. Stated gap: train
     loss within 30 %, val top-1 within 15 points (one seed; this is a smoke check of learning, not a study)."""
-    common = ["--data", digits, "--arch", "cifar_resnet8", "--image-size", "16", "--val-resize", "18",
-              "--epochs", "6", "--warmup-epochs", "1", "--lr-steps", "5", "--batch-size", "32", "--base-lr", "0.1",
-              "--ref-batch", "64", "--loader", "torchvision", "--min-crop-area", "0.5", "--workers", "1"]
+    common = [
+        "--data",
+        digits,
+        "--arch",
+        "cifar_resnet8",
+        "--image-size",
+        "16",
+        "--val-resize",
+        "18",
+        "--epochs",
+        "6",
+        "--warmup-epochs",
+        "1",
+        "--lr-steps",
+        "5",
+        "--batch-size",
+        "32",
+        "--base-lr",
+        "0.1",
+        "--ref-batch",
+        "64",
+        "--loader",
+        "torchvision",
+        "--min-crop-area",
+        "0.5",
+        "--workers",
+        "1",
+    ]
     final = {}
     for compression in ("none", "powersgd"):
         output = tmp_path / compression
         run_horovod("--output", output, "--compression", compression, "--powersgd-start-step", "0", *common)
-        final[compression] = read_jsonl(output / "metrics.jsonl")[-1]
+        final[compression] = read_metrics(output)[-1]
     assert final["none"]["val_top1"] > 40  # it learned (chance: 10 %)
     assert final["powersgd"]["train_loss"] < 1.3 * final["none"]["train_loss"]
     assert final["powersgd"]["val_top1"] > final["none"]["val_top1"] - 15
     assert len(set(final["powersgd"]["weights_digests"])) == 1
 
 
+@pytest.mark.horovod
 @pytest.mark.parametrize("precision", ["amp-bf16", "amp-fp16"])
 def test_amp_two_ranks(tiny_data, tmp_path, precision):
     """AMP on the CPU under 2 ranks, with the Horovod knobs and clipping (after GradScaler's unscale_)."""
     output = tmp_path / "run"
-    result = run_horovod("--data", tiny_data, "--output", output, "--epochs", "1", "--loader", "torchvision",
-                         "--precision", precision, "--max-grad-norm", "1.0", "--fusion-threshold-mb", "1",
-                         "--cycle-time-ms", "2", "--gradient-predivide-factor", "2", "--hierarchical-allreduce",
-                         *TINY_TRAIN)
+    result = run_horovod(
+        "--data",
+        tiny_data,
+        "--output",
+        output,
+        "--epochs",
+        "1",
+        "--loader",
+        "torchvision",
+        "--precision",
+        precision,
+        "--max-grad-norm",
+        "1.0",
+        "--fusion-threshold-mb",
+        "1",
+        "--cycle-time-ms",
+        "2",
+        "--gradient-predivide-factor",
+        "2",
+        "--hierarchical-allreduce",
+        *TINY_TRAIN,
+    )
     assert "--hierarchical-allreduce has no effect here" in result.stdout + result.stderr
-    records = read_jsonl(output / "metrics.jsonl")
+    records = read_metrics(output)
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in records)
     assert all(len(set(r["weights_digests"])) == 1 for r in records)
     state = torch.load(output / "checkpoints" / "epoch-0001.pt", weights_only=True)
@@ -147,11 +186,15 @@ def test_amp_two_ranks(tiny_data, tmp_path, precision):
     assert (config["precision"], config["fusion_threshold_mb"], config["cycle_time_ms"]) == (precision, 1.0, 2.0)
 
 
+@pytest.mark.unit
 def test_knob_environment_and_refusals():
     from hvd_imagenet.comm import knob_environment
 
-    assert knob_environment(64, 2.5, True) == {"HOROVOD_FUSION_THRESHOLD": str(64 * 2**20),
-                                               "HOROVOD_CYCLE_TIME": "2.5", "HOROVOD_HIERARCHICAL_ALLREDUCE": "1"}
+    assert knob_environment(64, 2.5, True) == {
+        "HOROVOD_FUSION_THRESHOLD": str(64 * 2**20),
+        "HOROVOD_CYCLE_TIME": "2.5",
+        "HOROVOD_HIERARCHICAL_ALLREDUCE": "1",
+    }
     base = {"output": "x", "loader": "synthetic", "compression": "powersgd"}
     with pytest.raises(UserError, match="amp-bf16"):
         TrainConfig(**base, precision="amp-fp16")
@@ -165,15 +208,28 @@ def test_knob_environment_and_refusals():
         TrainConfig(output="x", loader="synthetic", gradient_predivide_factor=0)
 
 
+@pytest.mark.horovod
 def test_bench_allreduce_json():
-    result = run_cli("bench-allreduce", "--payloads", "resnet50,1000", "--compression", "none,fp16,bf16,powersgd",
-                     "--repeats", "2", "--warmup", "1", "--json", timeout=300)
+    result = run_cli(
+        "bench-allreduce",
+        "--payloads",
+        "resnet50,1000",
+        "--compression",
+        "none,fp16,bf16,powersgd",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert (report["ranks"], report["controller"], report["link"]["shaped"]) == (2, "Gloo", False)
     rows = {(r["payload"], r["compression"]): r for r in report["results"]}
     assert set(rows) == {("resnet50", c) for c in ("none", "fp16", "bf16", "powersgd")} | {
-        ("1000", c) for c in ("none", "fp16", "bf16")}  # PowerSGD: matrices only
+        ("1000", c) for c in ("none", "fp16", "bf16")
+    }  # PowerSGD: matrices only
     none = rows["resnet50", "none"]
     assert none["elements"] == 25_557_032 and none["tensors"] == 161  # ResNet-50's gradients
     assert none["wire_bytes"] == none["payload_bytes"] == 4 * 25_557_032
@@ -186,13 +242,29 @@ def test_bench_allreduce_json():
             assert row["algbw_gb_s"] == pytest.approx(row["payload_bytes"] / row["seconds"] / 1e9)
 
 
+@pytest.mark.horovod
 @pytest.mark.skipif(shaping_problem() is not None, reason=str(shaping_problem()))
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])
 def test_bench_allreduce_on_a_shaped_link(controller):
     """The ranks run in a namespace whose lo is shaped to 1 Gbit/s: the link check must see that rate, and
     the allreduce must go through it (Open MPI's shared memory would not: it is forced onto TCP)."""
-    result = run_cli("bench-allreduce", "--link", "1gbit", "--payloads", "1e6", "--compression", "none,fp16",
-                     "--controller", controller, "--repeats", "2", "--warmup", "1", "--json", timeout=300)
+    result = run_cli(
+        "bench-allreduce",
+        "--link",
+        "1gbit",
+        "--payloads",
+        "1e6",
+        "--compression",
+        "none,fp16",
+        "--controller",
+        controller,
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["link"]["shaped"] and 0.8 < report["link"]["measured_gbit_s"] < 1.2
@@ -200,10 +272,32 @@ def test_bench_allreduce_on_a_shaped_link(controller):
     assert none["busbw_gb_s"] < 0.125  # 1 Gbit/s = 0.125 GB/s: the ring cannot beat its link
 
 
+@pytest.mark.horovod
 def test_bench_train_json():
-    result = run_cli("bench-train", "--arch", "cifar_resnet8", "--image-size", "16", "--batch-size", "8", "--phases",
-                     "--np", "1,2", "--backend", "horovod,ddp", "--compression", "none,powersgd", "--steps", "2",
-                     "--warmup", "2", "--repeats", "1", "--json", timeout=600)
+    result = run_cli(
+        "bench-train",
+        "--arch",
+        "cifar_resnet8",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--phases",
+        "--np",
+        "1,2",
+        "--backend",
+        "horovod,ddp",
+        "--compression",
+        "none,powersgd",
+        "--steps",
+        "2",
+        "--warmup",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     rows = {(r["backend"], r["compression"], r["ranks"]): r for r in report["rows"]}
@@ -215,26 +309,59 @@ def test_bench_train_json():
     assert rows["horovod", "none", 1]["weak_scaling_efficiency"] == 1.0
     two = rows["horovod", "none", 2]
     assert two["weak_scaling_efficiency"] == pytest.approx(
-        two["images_per_sec_per_worker"] / rows["horovod", "none", 1]["images_per_sec_per_worker"])
+        two["images_per_sec_per_worker"] / rows["horovod", "none", 1]["images_per_sec_per_worker"]
+    )
     assert two["step_vs_ddp"] == pytest.approx(two["step_seconds"] / rows["ddp", "none", 2]["step_seconds"])
     assert rows["ddp", "none", 2]["phases"]["allreduce_wait"] == 0  # DDP waits inside backward
 
 
+@pytest.mark.cli
 def test_bench_train_alone_needs_no_horovod_and_times_steps_back_to_back():
     """--backend none: training's step unit with plain SGD in this process, what a GPU machine times before
     Horovod is installed there (scripts/gpu_check.sh quick), so it must run with Horovod unimportable. Without
     --phases the timed steps run back to back (on a GPU between two CUDA events, one sync at the end): no
     per-phase times, and the host syncs counted are the step's own."""
     code = "import sys; sys.modules['horovod'] = None\nfrom hvd_imagenet.cli import main\nsys.exit(main(sys.argv[1:]))"
-    done = subprocess.run([str(BIN / "python"), "-c", code, "bench-train", "--backend", "none", "--np", "1",
-                           "--arch", "cifar_resnet8", "--image-size", "16", "--batch-size", "8", "--precision",
-                           "fp32,amp-bf16", "--layout", "nchw,nhwc", "--steps", "3", "--warmup", "1", "--repeats",
-                           "1", "--count-syncs", "2", "--json"], capture_output=True, text=True, env=cli_env(),
-                          timeout=300)
+    done = subprocess.run(
+        [
+            str(BIN / "python"),
+            "-c",
+            code,
+            "bench-train",
+            "--backend",
+            "none",
+            "--np",
+            "1",
+            "--arch",
+            "cifar_resnet8",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--precision",
+            "fp32,amp-bf16",
+            "--layout",
+            "nchw,nhwc",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--count-syncs",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert {(r["precision"], r["layout"]) for r in report["rows"]} == {
-        (p, layout) for p in ("fp32", "amp-bf16") for layout in ("nchw", "nhwc")}
+        (p, layout) for p in ("fp32", "amp-bf16") for layout in ("nchw", "nhwc")
+    }
     for run in report["runs"]:
         assert (run["backend"], run["ranks"], run["timing"], run["phases"]) == ("none", 1, "wall clock", None)
         assert run["images_per_sec_per_worker"] == pytest.approx(8 / run["step_seconds"])
@@ -243,10 +370,20 @@ def test_bench_train_alone_needs_no_horovod_and_times_steps_back_to_back():
     assert refused.returncode == 2 and "--backend none is one worker" in refused.stderr
 
 
+@pytest.mark.unit
 def test_scaling_model_hand_checked():
     """2 nodes x 2 GPUs, 1 GB/s NICs (one per GPU), 10 GB/s NVLink, no latency, 100 MB of gradients."""
-    c = Cluster(step_time_ms=300, batch_size=32, gpus_per_node=2, nvlink_gb_s=10, nvlink_latency_us=0,
-                nic_gbit_s=8, nics_per_node=2, nic_latency_us=0, overlap=0.5)
+    c = Cluster(
+        step_time_ms=300,
+        batch_size=32,
+        gpus_per_node=2,
+        nvlink_gb_s=10,
+        nvlink_latency_us=0,
+        nic_gbit_s=8,
+        nics_per_node=2,
+        nic_latency_us=0,
+        overlap=0.5,
+    )
     size = 100e6
     # Flat ring of 4 GPUs, bounded by the 1 GB/s NIC: 2 * 3/4 * 100 MB / 1 GB/s = 0.15 s.
     assert allreduce_seconds(c, 2, size, hierarchical=False) == pytest.approx(0.150)
@@ -269,12 +406,20 @@ def test_scaling_model_hand_checked():
     assert Gradients.of("resnet50", 2).elements == 25_557_032
 
 
+@pytest.mark.cli
 def test_scaling_model_cli(tmp_path):
     bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps({"runs": [{"ranks": 1, "batch_size": 32, "step_seconds": 0.0125},
-                                          {"ranks": 2, "batch_size": 32, "step_seconds": 0.02}]}))
-    result = run_cli("scaling-model", "--from-bench", bench, "--nodes", "1,32", "--plot", tmp_path / "e.png",
-                     "--json")
+    bench.write_text(
+        json.dumps(
+            {
+                "runs": [
+                    {"ranks": 1, "batch_size": 32, "step_seconds": 0.0125},
+                    {"ranks": 2, "batch_size": 32, "step_seconds": 0.02},
+                ]
+            }
+        )
+    )
+    result = run_cli("scaling-model", "--from-bench", bench, "--nodes", "1,32", "--plot", tmp_path / "e.png", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["cluster"]["step_time_ms"] == pytest.approx(12.5)

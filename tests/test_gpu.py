@@ -7,27 +7,34 @@ NCCL collectives on NHWC tensors; amp-fp16 and amp-bf16 training steps of `train
 host syncs in CUDA's own sync debug mode against host_sync.SYNC_BUDGET; one-pass virtual workers (BN per group)
 against passes one after another, on cuDNN; the memory loader's batches on the GPU against the CPU's; a
 background checkpoint (checkpoint.AsyncWriter) of a model on the GPU."""
+
 import functools
 import json
 
 import pytest
 import torch
-
-from hvd_imagenet import gpu, host_sync
-from hvd_imagenet.config import TrainConfig
-from hvd_imagenet.context import DistContext
-from hvd_imagenet.data import build_loaders
-
-from conftest import read_jsonl, run_horovod
+from conftest import run_horovod
 from test_channels_last import check_collectives, run_collectives
 from test_host_syncs import step_syncs
 from test_model import relative_error, virtual_worker_gradients
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="no CUDA GPU here (torch.cuda.is_available() is False); scripts/gpu_check.sh runs these on a GPU machine")]
+from hvd_imagenet import gpu, host_sync
+from hvd_imagenet.config import TrainConfig
+from hvd_imagenet.context import DistContext
+from hvd_imagenet.data.loaders import build_loaders
+from hvd_imagenet.metrics import read_metrics
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA GPU here (torch.cuda.is_available() is False); "
+        "scripts/gpu_check.sh runs these on a GPU machine",
+    ),
+]
 
 
+@pytest.mark.unit
 def test_the_cuda_stack_is_one_this_build_supports():
     device = gpu.rank_device(0)
     assert device == torch.device("cuda", 0) and torch.backends.cudnn.benchmark
@@ -37,18 +44,29 @@ def test_the_cuda_stack_is_one_this_build_supports():
 
 
 def needs_dali() -> None:
-    pytest.importorskip("nvidia.dali", reason="DALI is not installed (scripts/gpu_check.sh setup: its wheels in the "
-                                              "bundle)")
+    pytest.importorskip(
+        "nvidia.dali", reason="DALI is not installed (scripts/gpu_check.sh setup: its wheels in the bundle)"
+    )
 
 
 def dali_batches(data, device: str, split: str, channels_last: bool = False) -> list:
-    config = TrainConfig(data=str(data), output="(test)", loader="dali", dali_device=device, batch_size=4,
-                         image_size=32, val_resize=36, dali_threads=2, channels_last=channels_last)
+    config = TrainConfig(
+        data=str(data),
+        output="(test)",
+        loader="dali",
+        dali_device=device,
+        batch_size=4,
+        image_size=32,
+        val_resize=36,
+        dali_threads=2,
+        channels_last=channels_last,
+    )
     ctx = DistContext(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cuda", 0))
     loaders = build_loaders(config, ctx)
     return list(loaders.val if split == "val" else loaders.train)
 
 
+@pytest.mark.unit
 def test_dali_mixed_decode_matches_cpu_decode_and_lands_on_the_gpu(tiny_data):
     """Val (no randomness): nvJPEG on the GPU and libjpeg-turbo on the CPU decode within rounding, then the same
     resize, crop and normalization. Both arrive on cuda:0."""
@@ -67,12 +85,14 @@ def test_dali_mixed_decode_matches_cpu_decode_and_lands_on_the_gpu(tiny_data):
     assert images.device == labels.device == torch.device("cuda", 0)
     assert images.is_contiguous(memory_format=torch.channels_last) and labels.dtype == torch.int64
     # Training: the crop windows come from the same draws on both (issue 28), so the crops match too.
-    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(dali_batches(tiny_data, "gpu", "train"),
-                                                                  dali_batches(tiny_data, "cpu", "train")):
+    for (gpu_images, gpu_labels), (cpu_images, cpu_labels) in zip(
+        dali_batches(tiny_data, "gpu", "train"), dali_batches(tiny_data, "cpu", "train")
+    ):
         assert torch.equal(gpu_labels, cpu_labels)
         assert (gpu_images - cpu_images).abs().mean() < 0.05
 
 
+@pytest.mark.unit
 def test_dali_mixed_decode_reads_packed_shards_as_the_tree(tiny_data, tiny_shards):
     """Packed shards feed nvJPEG through fn.external_source (bytes read on the host): the same train and val
     batches, bit for bit, as fn.readers.file on the folder tree, random crops included (explicit seeds)."""
@@ -85,26 +105,45 @@ def test_dali_mixed_decode_reads_packed_shards_as_the_tree(tiny_data, tiny_shard
             assert torch.equal(tree_labels, shard_labels) and torch.equal(tree_images, shard_images)
 
 
+@pytest.mark.horovod
 def test_nccl_collectives_on_nhwc_tensors(tmp_path):
     found = run_collectives(tmp_path, 1, "--gloo")
     assert found["device"] == "cuda:0" and found["nccl_built"]
     check_collectives(found)
 
 
+@pytest.mark.horovod
 @pytest.mark.parametrize("precision", ["amp-fp16", "amp-bf16"])
 def test_amp_training_steps_with_nhwc_weights(tmp_path, precision):
     """`train` on one GPU: ResNet-50, synthetic batches of 64 at 224 px, 6 steps, NHWC weights."""
     output = tmp_path / "run"
-    result = run_horovod("--loader", "synthetic", "--output", output, "--arch", "resnet50", "--batch-size", "64",
-                         "--epochs", "1", "--max-steps-per-epoch", "6", "--precision", precision, "--channels-last",
-                         np=1, timeout=600)
+    result = run_horovod(
+        "--loader",
+        "synthetic",
+        "--output",
+        output,
+        "--arch",
+        "resnet50",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "6",
+        "--precision",
+        precision,
+        "--channels-last",
+        np=1,
+        timeout=600,
+    )
     assert "GPU: " in result.stdout
-    record = read_jsonl(output / "metrics.jsonl")[0]
+    record = read_metrics(output)[0]
     assert record["train_loss"] == record["train_loss"] and record["skipped_steps"] <= 3  # fp16's first scales
     weights = torch.load(output / "checkpoints" / "epoch-0001.pt", weights_only=True)["model"]
     assert weights["conv1.weight"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.horovod
 @pytest.mark.parametrize("precision", ["fp32", "amp-bf16", "amp-fp16"])
 @pytest.mark.parametrize("loader", ["synthetic", "dali"])
 def test_host_syncs_on_the_gpu(tiny_data, precision, loader):
@@ -116,6 +155,7 @@ def test_host_syncs_on_the_gpu(tiny_data, precision, loader):
     assert syncs["per_step"] <= host_sync.SYNC_BUDGET, f"over budget: {syncs['sites']}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_one_pass_virtual_workers_equal_sequential_micro_batches_on_cudnn(layout):
     """tests/test_model.py's check on the GPU: 4 groups of 3 in one pass (our BN in float32 on the device)
@@ -124,22 +164,39 @@ def test_one_pass_virtual_workers_equal_sequential_micro_batches_on_cudnn(layout
     torch.manual_seed(0)
     images, labels = torch.randn(12, 3, 64, 64, dtype=torch.float64), torch.randint(0, 5, (12,))
     reference, _ = virtual_worker_gradients("resnet18", 1, torch.float64, layout, images, labels, one_pass=False)
-    on_gpu = functools.partial(virtual_worker_gradients, "resnet18", dtype=torch.float32, layout=layout,
-                               images=images, labels=labels, device="cuda")
+    on_gpu = functools.partial(
+        virtual_worker_gradients,
+        "resnet18",
+        dtype=torch.float32,
+        layout=layout,
+        images=images,
+        labels=labels,
+        device="cuda",
+    )
     sequential, sequential_buffers = on_gpu(1, one_pass=False)
     one_pass, one_pass_buffers = on_gpu(4, one_pass=True)
     assert relative_error(one_pass, reference) < 3 * relative_error(sequential, reference) + 1e-6
     assert relative_error(one_pass_buffers, sequential_buffers) < 1e-4
 
 
+@pytest.mark.unit
 def test_memory_loader_augments_on_the_gpu_as_on_the_cpu(tiny_data):
     """--loader memory on cuda:0: pinned, asynchronous copies, crops by roi_align on the device; the same
     batches as on the CPU (the draws are made on the host from the same seeds), to float rounding."""
+
     def batches(device: str):
-        config = TrainConfig(data=str(tiny_data), output="(test)", loader="memory", batch_size=4, image_size=32,
-                             val_resize=36, channels_last=True)
-        loaders = build_loaders(config, DistContext(rank=0, local_rank=0, size=1, local_size=1,
-                                                    device=torch.device(device)))
+        config = TrainConfig(
+            data=str(tiny_data),
+            output="(test)",
+            loader="memory",
+            batch_size=4,
+            image_size=32,
+            val_resize=36,
+            channels_last=True,
+        )
+        loaders = build_loaders(
+            config, DistContext(rank=0, local_rank=0, size=1, local_size=1, device=torch.device(device))
+        )
         loaders.set_epoch(1)
         return list(loaders.train) + list(loaders.val)
 
@@ -152,6 +209,7 @@ def test_memory_loader_augments_on_the_gpu_as_on_the_cpu(tiny_data):
         torch.testing.assert_close(gpu_images.cpu(), cpu_images, rtol=0, atol=1e-3)
 
 
+@pytest.mark.unit
 def test_a_background_checkpoint_of_a_gpu_model_holds_the_state_it_was_given(tmp_path):
     """checkpoint.AsyncWriter on cuda:0: the state copied into pinned host buffers (reused by the next
     checkpoint); the file holds the state at submit(), not the live weights' next step."""
@@ -162,8 +220,16 @@ def test_a_background_checkpoint_of_a_gpu_model_holds_the_state_it_was_given(tmp
     for _ in range(2):
         model(torch.randn(4, 3, 16, 16, device="cuda")).square().mean().backward()
         optimizer.step()
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1, "step": 1,
-                 "step_in_epoch": 0, "images_done": 0, "partial": None, "config": {}}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": 1,
+            "step": 1,
+            "step_in_epoch": 0,
+            "images_done": 0,
+            "partial": None,
+            "config": {},
+        }
     expected = {key: value.cpu().clone() for key, value in state["model"].items()}
     writer = checkpoint.AsyncWriter(tmp_path / "async", keep=1)
     writer.submit(state)

@@ -5,6 +5,7 @@ carries there: the repository's tracked files and the Horovod wheel prebuilt for
 the first CUDA call must succeed, the GPU steps skip with their reason, and the trip fits 64 MiB.
 Set-up: the replica (~3 GB from PyPI, cached) and the wheel (Horovod's CUDA compile, ~5 min on 2 cores, cached
 by everything it depends on)."""
+
 import os
 import re
 import shutil
@@ -12,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,11 +29,18 @@ def machine() -> dict[str, str]:
     return {name: value.strip('"') for name, value in re.findall(r"^([A-Z_]+)=(.*)$", text, flags=re.M)}
 
 
-pytestmark = [pytest.mark.rehearsal, pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip") or not list(Path.home().glob(
-        f".pyenv/versions/{machine()['GPU_MACHINE_PYTHON']}.*/bin/python3")) and not shutil.which(
-        f"python{machine()['GPU_MACHINE_PYTHON']}"),
-    reason="needs root (unshare --net: no network while it runs) and the GPU machine's Python (pyenv)")]
+pytestmark = [
+    pytest.mark.cli,
+    pytest.mark.rehearsal,
+    pytest.mark.skipif(
+        os.geteuid() != 0
+        or not shutil.which("unshare")
+        or not shutil.which("ip")
+        or not list(Path.home().glob(f".pyenv/versions/{machine()['GPU_MACHINE_PYTHON']}.*/bin/python3"))
+        and not shutil.which(f"python{machine()['GPU_MACHINE_PYTHON']}"),
+        reason="needs root (unshare --net: no network while it runs) and the GPU machine's Python (pyenv)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +81,9 @@ def test_the_prebuilt_wheel_is_for_the_gpu_machine_and_needs_no_mpi(bundle):
 
 def carried_trip(bundle: Path, trip: Path) -> int:
     """The repository's tracked files and the bundle, as one call carries them; their bytes."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     for name in filter(None, files):
         (trip / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, trip / name)
@@ -90,13 +98,25 @@ def test_the_rental_script_runs_offline_on_the_replica(bundle, cache, tmp_path):
     size = carried_trip(bundle, trip)
     assert size <= TRIP_BYTES, f"one trip carries {size / 2**20:.1f} MiB, over 64"
     replica = cache / "gpu-replica" / "bin"
-    env = {"PATH": f"{replica}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home),
-           "GPU_CHECK_PYTHON": str(replica / "python"), "GPU_CHECK_RESULTS": str(results), "LANG": "C.UTF-8"}
-    done = subprocess.run([*OFFLINE, "bash", "scripts/gpu_check.sh", "quick"], cwd=trip,
-                          capture_output=True, text=True, env=env, timeout=QUICK_SECONDS + 120)
+    env = {
+        "PATH": f"{replica}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(home),
+        "GPU_CHECK_PYTHON": str(replica / "python"),
+        "GPU_CHECK_RESULTS": str(results),
+        "LANG": "C.UTF-8",
+    }
+    done = subprocess.run(
+        [*OFFLINE, "bash", "scripts/gpu_check.sh", "quick"],
+        cwd=trip,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=QUICK_SECONDS + 120,
+    )
     print(done.stdout[-3000:])  # the steps and their times here, in the test's log
-    steps = {row[0]: row[1:] for row in (line.split("\t") for line in
-                                         (results / "steps.tsv").read_text().splitlines()[1:])}
+    steps = {
+        row[0]: row[1:] for row in (line.split("\t") for line in (results / "steps.tsv").read_text().splitlines()[1:])
+    }
     assert done.returncode == 0, f"{steps}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     for name in ("probe", "venv", "horovod", "pytest-gpu"):  # up to the first CUDA call, and the tests' skips
         assert steps[name][0] == "ok", (name, steps[name])
@@ -119,11 +139,38 @@ def test_the_rental_script_runs_offline_on_the_replica(bundle, cache, tmp_path):
     # What the skipped GPU steps run, on the CPU at toy size, in the venv the script made (torch 2.11 and the
     # prebuilt wheel, offline): the step unit alone, then through Horovod under horovodrun.
     for backend in ("none", "horovod"):
-        done = subprocess.run([*OFFLINE, str(trip / ".gpu-venv" / "bin" / "hvd-imagenet"), "bench-train",
-                               "--backend", backend, "--np", "1", "--arch", "cifar_resnet8", "--image-size", "16",
-                               "--batch-size", "8", "--precision", "amp-bf16", "--layout", "nhwc", "--steps", "2",
-                               "--warmup", "1", "--repeats", "1", "--json"], cwd=trip, capture_output=True,
-                              text=True, env={**env, "PATH": f"{trip / '.gpu-venv' / 'bin'}:{env['PATH']}"},
-                              timeout=300)
+        done = subprocess.run(
+            [
+                *OFFLINE,
+                str(trip / ".gpu-venv" / "bin" / "hvd-imagenet"),
+                "bench-train",
+                "--backend",
+                backend,
+                "--np",
+                "1",
+                "--arch",
+                "cifar_resnet8",
+                "--image-size",
+                "16",
+                "--batch-size",
+                "8",
+                "--precision",
+                "amp-bf16",
+                "--layout",
+                "nhwc",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--repeats",
+                "1",
+                "--json",
+            ],
+            cwd=trip,
+            capture_output=True,
+            text=True,
+            env={**env, "PATH": f"{trip / '.gpu-venv' / 'bin'}:{env['PATH']}"},
+            timeout=300,
+        )
         assert done.returncode == 0, f"{backend}: {done.stderr[-3000:]}"
-        assert '"backend": "%s"' % backend in done.stdout and '"images_per_sec_per_worker"' in done.stdout
+        assert f'"backend": "{backend}"' in done.stdout and '"images_per_sec_per_worker"' in done.stdout

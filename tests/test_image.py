@@ -3,6 +3,7 @@ the production Dockerfile itself on a Debian 12 base that mmdebstrap makes from 
 BASE_IMAGE differs from a user's build), then, in the image as its own user and with no GPU, `horovodrun
 --check-build` must list NCCL, DALI must import, and a 2-rank training epoch must end with its metrics file
 (scripts/image.sh). About 15 min on a fresh 2-core machine (Horovod's CUDA compile), ~3 min with the caches."""
+
 import json
 import os
 import re
@@ -11,25 +12,33 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "scripts" / "image.sh"
 
-pytestmark = [pytest.mark.image, pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("buildah") or not shutil.which("mmdebstrap"),
-    reason="builds with buildah as root, on a base made by mmdebstrap (make setup installs both as root)")]
+pytestmark = [
+    pytest.mark.horovod,
+    pytest.mark.image,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("buildah") or not shutil.which("mmdebstrap"),
+        reason="builds with buildah as root, on a base made by mmdebstrap (make setup installs both as root)",
+    ),
+]
 
 
 def image_step(*args, timeout: int) -> str:
-    env = {**cli_env(), "IMAGE_BASE": "localhost/hvd-imagenet-base:bookworm",
-           "IMAGE_TAG": "localhost/hvd-imagenet:test"}
+    env = {
+        **cli_env(),
+        "IMAGE_BASE": "localhost/hvd-imagenet-base:bookworm",
+        "IMAGE_TAG": "localhost/hvd-imagenet:test",
+    }
     done = subprocess.run(["bash", str(IMAGE), *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, f"scripts/image.sh {' '.join(args)}:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_the_image_builds_and_trains_as_its_user_without_a_gpu():
     image_step("base", "bookworm", timeout=600)
@@ -44,7 +53,6 @@ def test_the_image_builds_and_trains_as_its_user_without_a_gpu():
     for listed in ("[X] PyTorch", "[X] MPI", "[X] Gloo", "[X] NCCL"):  # controllers and tensor operations
         assert listed in build_lines, f"horovodrun --check-build in the image lacks {listed}:\n{checked[:3000]}"
     assert re.search(r"^DALI \d+\.\d+\.\d+ torch \d", checked, flags=re.M), checked[-3000:]
-    metrics = [json.loads(line) for line in checked.split("metrics.jsonl:", 1)[1].splitlines()
-               if line.startswith("{")]
+    metrics = [json.loads(line) for line in checked.split("metrics.jsonl:", 1)[1].splitlines() if line.startswith("{")]
     assert [m["epoch"] for m in metrics] == [1], metrics
     assert metrics[0]["world_size"] == 2 and 0 <= metrics[0]["val_top1"] <= 100, metrics[0]

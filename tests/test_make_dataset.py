@@ -1,19 +1,32 @@
 """`hvd-imagenet make-dataset`: ImageNet layout, real JPEGs of varied size, classes that can be told apart."""
+
 import colorsys
 
 import numpy as np
+import pytest
+from conftest import run_cli
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from hvd_imagenet.data.make_dataset import make_dataset
 
-from conftest import run_cli
 
-
+@pytest.mark.cli
 def test_layout_and_files(tmp_path):
     out = tmp_path / "data"
-    result = run_cli("make-dataset", "--output", out, "--classes", "3", "--train-per-class", "4",
-                     "--val-per-class", "2", "--seed", "5")
+    result = run_cli(
+        "make-dataset",
+        "--output",
+        out,
+        "--classes",
+        "3",
+        "--train-per-class",
+        "4",
+        "--val-per-class",
+        "2",
+        "--seed",
+        "5",
+    )
     assert result.returncode == 0, result.stderr
     for split, count in (("train", 4), ("val", 2)):
         folders = sorted((out / split).iterdir())
@@ -31,6 +44,7 @@ def test_layout_and_files(tmp_path):
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+@pytest.mark.unit
 def test_deterministic(tmp_path):
     make_dataset(tmp_path / "a", 2, 2, 1, seed=3, workers=1)
     make_dataset(tmp_path / "b", 2, 2, 1, seed=3, workers=1)
@@ -46,6 +60,7 @@ def dominant_hue(path) -> float:
     return (np.arctan2(np.sin(angle).mean(), np.cos(angle).mean()) / (2 * np.pi)) % 1.0
 
 
+@pytest.mark.unit
 def test_classes_are_learnable(tiny_data):
     """A nearest-centroid rule on one feature (the object's hue) beats chance by far: the classes carry
     signal a network can learn (the demo shows ResNet-50 learning them)."""
@@ -59,11 +74,13 @@ def test_classes_are_learnable(tiny_data):
     def distance(a, b):
         return min(abs(a - b), 1 - abs(a - b))
 
-    correct = sum(min(centroids, key=lambda c: distance(centroids[c], dominant_hue(path))) == label
-                  for path, label in val.samples)
+    correct = sum(
+        min(centroids, key=lambda c: distance(centroids[c], dominant_hue(path))) == label for path, label in val.samples
+    )
     assert correct / len(val.samples) >= 0.8  # chance: 0.25
 
 
+@pytest.mark.cli
 def test_digits_are_scikit_learns_in_a_fixed_split(tmp_path):
     """Every one of the 1,797 digits once, as grayscale JPEG in ImageNet layout, its label its folder; the
     split is fixed (two runs write the same files); the shapes-only flags are refused."""
@@ -90,6 +107,7 @@ def test_digits_are_scikit_learns_in_a_fixed_split(tmp_path):
     assert refused.returncode == 2 and "drop --classes" in refused.stderr
 
 
+@pytest.mark.cli
 def test_cluttered_digits_are_copies_of_the_digits_of_their_split(tmp_path):
     """20 distorted, cluttered, noisy copies of each train digit and 6 of each val digit, labelled as their
     digit; deterministic for a seed (the val split written again in-process is byte-equal), another seed

@@ -1,5 +1,6 @@
 """The paper's model choices: zero-init residual gamma and no weight decay on BN/bias (Sec. 5.1); BN per virtual
 worker in one pass (Sec. 2.3)."""
+
 import functools
 
 import pytest
@@ -8,10 +9,15 @@ import torchvision.models.resnet as tv
 
 from hvd_imagenet.model import GroupedBatchNorm2d, build_model, parameter_groups, weights_digest
 
+pytestmark = pytest.mark.unit
+
 
 def last_bns(model):
-    return [block.bn3 if isinstance(block, tv.Bottleneck) else block.bn2
-            for block in model.modules() if isinstance(block, (tv.Bottleneck, tv.BasicBlock))]
+    return [
+        block.bn3 if isinstance(block, tv.Bottleneck) else block.bn2
+        for block in model.modules()
+        if isinstance(block, (tv.Bottleneck, tv.BasicBlock))
+    ]
 
 
 def test_zero_init_residual_sets_last_gamma_of_every_block_to_zero():
@@ -37,8 +43,12 @@ def test_no_weight_decay_on_bn_and_bias():
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    bn_params = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
-                 for p in ("weight", "bias")}
+    bn_params = {
+        f"{m}.{p}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, torch.nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
     assert no_decay_names == bn_params | {"fc.bias"}
     assert {names[id(p)] for p in decay["params"]} == set(names.values()) - no_decay_names
     decay_all, none = parameter_groups(model, 1e-4, bn_weight_decay=True)
@@ -62,8 +72,11 @@ def test_channels_last_model_keeps_weights_and_gradients_in_nhwc():
     assert model.layer1(model.maxpool(model.conv1(images))).is_contiguous(memory_format=torch.channels_last)
     model(images).sum().backward()
     weights = [p for p in model.parameters() if p.dim() == 4]
-    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-                           for p in weights if p.shape[2:] != (1, 1))  # a 1x1 kernel is both layouts at once
+    assert weights and all(
+        p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in weights
+        if p.shape[2:] != (1, 1)
+    )  # a 1x1 kernel is both layouts at once
     assert all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in weights)
     assert all(p.is_contiguous() for p in model.parameters() if p.dim() < 4)
 
@@ -80,8 +93,9 @@ def test_small_image_resnets_have_he_et_al_sizes_and_zero_init():
     assert build_model("cifar_resnet8", 10, True)(torch.rand(2, 3, 16, 16)).shape == (2, 10)
 
 
-def virtual_worker_gradients(arch: str, virtual_workers: int, dtype, layout, images, labels, one_pass: bool,
-                             device: str = "cpu"):
+def virtual_worker_gradients(
+    arch: str, virtual_workers: int, dtype, layout, images, labels, one_pass: bool, device: str = "cpu"
+):
     """Gradients and BN buffers (float64, on the CPU) after one minibatch of V x n: V passes of n (loss / V
     each, as TrainStep's micro-batches) or one pass of V x n through a model built with `virtual_workers` BN
     groups. tests/test_gpu.py runs it on CUDA."""
@@ -130,4 +144,5 @@ def test_grouped_batch_norm_is_batch_norm_in_eval_and_refuses_uneven_groups():
         build_model("cifar_resnet8", 5, True, virtual_workers=4)(images)
     bn = GroupedBatchNorm2d(8, groups=2)
     assert bn(torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)).is_contiguous(
-        memory_format=torch.channels_last)  # the layout goes on: no conversion before the next convolution
+        memory_format=torch.channels_last
+    )  # the layout goes on: no conversion before the next convolution

@@ -1,6 +1,7 @@
 """Packed shards (`hvd-imagenet pack`, data/packed.py): tars other tools read, an index that points into them, and
 every loader reading from them exactly what it reads from the folder tree, in the same order; training from
 them under horovodrun equals training from the tree, and resumes exactly."""
+
 import gc
 import hashlib
 import json
@@ -11,17 +12,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    TINY_TRAIN,
+    add_broken,
+    assert_epoch_2_equal,
+    assert_same_batches,
+    batches,
+    loaders,
+    pack,
+    rank,
+    run_cli,
+    run_horovod,
+)
 from torchvision.datasets import ImageFolder
 
-from hvd_imagenet.data import check_data, stage
+from hvd_imagenet.data import stage
+from hvd_imagenet.data.loaders import check_data
 from hvd_imagenet.errors import UserError
-
-from conftest import (TINY_TRAIN, add_broken, assert_epoch_2_equal, assert_same_batches, batches, loaders, pack,
-                      rank, read_jsonl, run_cli, run_horovod)
+from hvd_imagenet.metrics import read_metrics
 
 LOADERS = ["dali", "torchvision"]
 
 
+@pytest.mark.cli
 def test_pack_writes_tars_that_tar_reads_and_an_index_that_points_into_them(tiny_data, tiny_shards, tmp_path):
     index = json.loads((tiny_shards / "index.json").read_text())
     classes = ImageFolder(tiny_data / "train").classes
@@ -35,8 +48,9 @@ def test_pack_writes_tars_that_tar_reads_and_an_index_that_points_into_them(tiny
     for split in ("train", "val"):
         folder = ImageFolder(tiny_data / split)
         rows = [line.split("\t") for line in (tiny_shards / f"{split}.tsv").read_text().splitlines()[1:]]
-        assert [r[4] for r in rows] == [str(Path(p).relative_to(tiny_data)) for p, _ in
-                                        folder.samples]  # ImageFolder's order
+        assert [r[4] for r in rows] == [
+            str(Path(p).relative_to(tiny_data)) for p, _ in folder.samples
+        ]  # ImageFolder's order
         shards = index["splits"][split]["shards"]
         for (path, label), (shard, offset, size, tsv_label, _) in zip(folder.samples, rows):
             with open(tiny_shards / shards[int(shard)], "rb") as f:
@@ -57,8 +71,9 @@ def test_pack_writes_tars_that_tar_reads_and_an_index_that_points_into_them(tiny
             assert members[str(relative)] == open(path, "rb").read()
             assert members[str(relative.with_suffix(".cls"))] == str(label).encode()
 
-    first_shard_labels = {int(r.split("\t")[3]) for r in (tiny_shards / "train.tsv").read_text().splitlines()[1:]
-                          if r.startswith("0\t")}
+    first_shard_labels = {
+        int(r.split("\t")[3]) for r in (tiny_shards / "train.tsv").read_text().splitlines()[1:] if r.startswith("0\t")
+    }
     assert len(first_shard_labels) > 1  # train images shuffled within the shards, not one class per shard
 
     again = pack(tiny_data, tmp_path / "again")  # deterministic: the same bytes, the same sums
@@ -67,6 +82,7 @@ def test_pack_writes_tars_that_tar_reads_and_an_index_that_points_into_them(tiny
     assert refused.returncode == 2 and "exists and is not empty" in refused.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loader", LOADERS)
 def test_loaders_read_the_same_images_in_the_same_order_from_shards(tiny_data, tiny_shards, loader):
     """Train batches of 2 ranks in two epochs and after a resume within an epoch, and val: equal tensors from
@@ -79,6 +95,7 @@ def test_loaders_read_the_same_images_in_the_same_order_from_shards(tiny_data, t
         assert shards.train_batches == tree.train_batches == 6 and shards.num_classes == 4
 
 
+@pytest.mark.cli
 def test_odd_files_file_list_and_a_broken_image_in_shards(odd_data, tmp_path):
     """Real ImageNet's odd files decode to RGB from shards; a broken image is an error that names it and its
     shard; check-data reads shards as it reads the tree, and its file list works on them."""
@@ -112,9 +129,11 @@ def test_odd_files_file_list_and_a_broken_image_in_shards(odd_data, tmp_path):
         assert all(b.shape[1:] == (3, 32, 32) and torch.isfinite(b).all() for b in images)
 
 
+@pytest.mark.unit
 def test_shard_files_are_opened_once_and_closed_with_the_loaders(tiny_shards):
     """A process opens each shard on its first read and keeps it; the descriptors go with the loaders (an
     elastic job rebuilds them at every resize)."""
+
     def open_shards() -> int:
         count = 0
         for fd in os.listdir("/proc/self/fd"):
@@ -136,6 +155,7 @@ def test_shard_files_are_opened_once_and_closed_with_the_loaders(tiny_shards):
     assert open_shards() == before
 
 
+@pytest.mark.cli
 def test_an_incomplete_copy_of_the_shards_is_one_clear_error(tiny_shards, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)
@@ -147,6 +167,7 @@ def test_an_incomplete_copy_of_the_shards_is_one_clear_error(tiny_shards, tmp_pa
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.unit
 def test_stage_refuses_a_target_without_the_space_and_copies_nothing(tiny_shards, tmp_path, monkeypatch):
     """`stage` checks the free space before it copies (disk_usage answers as a nearly full disk would)."""
     need = sum(meta["bytes"] for meta in json.loads((tiny_shards / "index.json").read_text())["files"].values())
@@ -156,12 +177,31 @@ def test_stage_refuses_a_target_without_the_space_and_copies_nothing(tiny_shards
     assert list((tmp_path / "local").iterdir()) == []
 
 
+@pytest.mark.cli
 def test_bench_loader_counts_the_files_opened_per_epoch(tiny_data, tiny_shards):
     """bench-loader with a --data for each: a folder tree opens every image each epoch, shards nothing (each
     shard is opened once per process, before the timed epochs)."""
-    result = run_cli("bench-loader", "--data", tiny_data, "--data", tiny_shards, "--loader", "dali,torchvision",
-                     "--batch-size", "4", "--image-size", "32", "--epochs", "2", "--repeats", "1", "--threads", "1",
-                     "--json", timeout=300)
+    result = run_cli(
+        "bench-loader",
+        "--data",
+        tiny_data,
+        "--data",
+        tiny_shards,
+        "--loader",
+        "dali,torchvision",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     rows = {(r["loader"], r["data_kind"]): r for r in json.loads(result.stdout)["results"]}
     assert list(rows) == [("dali", "folder"), ("torchvision", "folder"), ("dali", "packed"), ("torchvision", "packed")]
@@ -171,23 +211,35 @@ def test_bench_loader_counts_the_files_opened_per_epoch(tiny_data, tiny_shards):
     assert all(r["images_per_repeat"] == 96 and r["images_per_sec"] > 0 for r in rows.values())
 
 
+@pytest.mark.horovod
 def test_training_from_shards_equals_training_from_the_tree(tiny_data, tiny_shards, tmp_path):
     """2 ranks, Gloo, the torchvision loader: the same losses, accuracies and weights, bit for bit."""
     runs = {}
     for name, data in (("tree", tiny_data), ("shards", tiny_shards)):
         runs[name] = tmp_path / name
         run_horovod("--data", data, "--output", runs[name], "--epochs", "2", "--loader", "torchvision", *TINY_TRAIN)
-    a, b = (read_jsonl(runs[name] / "metrics.jsonl") for name in ("tree", "shards"))
+    a, b = (read_metrics(runs[name]) for name in ("tree", "shards"))
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):
-        for key in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "val_images",
-                    "weights_digests"):
+        for key in (
+            "lr",
+            "train_loss",
+            "train_top1",
+            "val_loss",
+            "val_top1",
+            "val_top5",
+            "val_images",
+            "weights_digests",
+        ):
             assert x[key] == y[key], key
-    wa, wb = (torch.load(runs[name] / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
-              for name in ("tree", "shards"))
+    wa, wb = (
+        torch.load(runs[name] / "checkpoints" / "epoch-0002.pt", weights_only=True)["model"]
+        for name in ("tree", "shards")
+    )
     assert all(torch.equal(wa[name], wb[name]) for name in wa)
 
 
+@pytest.mark.horovod
 @pytest.mark.parametrize("loader", LOADERS)
 def test_resume_from_shards_equals_uninterrupted(tiny_shards, tmp_path, loader):
     whole, split = tmp_path / "whole", tmp_path / "split"

@@ -1,19 +1,21 @@
 """`hvd-imagenet prepare-imagenet` on small archives in the exact official formats (data/make_archives.py):
 the ImageFolder tree with every val image in its labelled class, the odd files reported, a re-run that skips
 finished classes, the md5 check, and one-line errors for a missing, corrupt or mismatched archive."""
+
 import io
 import json
 import os
 import tarfile
 
 import pytest
+from conftest import run_cli
 from torchvision.datasets import ImageFolder
 
 from hvd_imagenet.data import prepare
 from hvd_imagenet.data.make_archives import add_file, make_archives
 from hvd_imagenet.errors import UserError
 
-from conftest import run_cli
+pytestmark = pytest.mark.cli
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +25,20 @@ def archives(tmp_path_factory):
 
 def prepare_cli(archives, output, *extra, labels="devkit", verify=False):
     source = ["--devkit", archives.devkit] if labels == "devkit" else ["--val-labels", archives.kaggle]
-    return run_cli("prepare-imagenet", "--train-tar", archives.train, "--val-tar", archives.val, *source,
-                   "--output", output, "--workers", "2", *([] if verify else ["--no-verify"]), *extra)
+    return run_cli(
+        "prepare-imagenet",
+        "--train-tar",
+        archives.train,
+        "--val-tar",
+        archives.val,
+        *source,
+        "--output",
+        output,
+        "--workers",
+        "2",
+        *([] if verify else ["--no-verify"]),
+        *extra,
+    )
 
 
 @pytest.mark.parametrize("labels", ["devkit", "kaggle"])
@@ -79,18 +93,28 @@ def test_the_md5_check_refuses_other_archives_and_remembers_a_match(archives, tm
 
     # The same check with these archives' sums as the published ones: it passes, a whole run then wants the
     # official counts, and a second check of the same state directory reads nothing.
-    sums = {role: prepare.md5_of(path, prepare.WorkProgress("md5", 1, "archives", terminal=False))
-            for role, path in (("train", archives.train), ("val", archives.val), ("devkit", archives.devkit))}
+    sums = {
+        role: prepare.md5_of(path, prepare.WorkProgress("md5", 1, "archives", terminal=False))
+        for role, path in (("train", archives.train), ("val", archives.val), ("devkit", archives.devkit))
+    }
     monkeypatch.setattr(prepare, "OFFICIAL", {role: (name, sums[role]) for role, (name, _) in prepare.OFFICIAL.items()})
     state = tmp_path / "state"
     state.mkdir()
     roles = {"train": archives.train, "val": archives.val, "devkit": archives.devkit}
     prepare.verify(roles, state)
     assert len(json.loads((state / "verified.json").read_text())) == 3
-    options = prepare.PrepareOptions(train_tar=str(archives.train), val_tar=str(archives.val),
-                                     devkit=str(archives.devkit), output=str(tmp_path / "verified"), workers=2)
-    with pytest.raises(UserError, match="15 train and 12 val images in 3 classes from the published archives, "
-                                        "which hold 1,281,167 / 50,000 / 1,000"):
+    options = prepare.PrepareOptions(
+        train_tar=str(archives.train),
+        val_tar=str(archives.val),
+        devkit=str(archives.devkit),
+        output=str(tmp_path / "verified"),
+        workers=2,
+    )
+    with pytest.raises(
+        UserError,
+        match="15 train and 12 val images in 3 classes from the published archives, "
+        "which hold 1,281,167 / 50,000 / 1,000",
+    ):
         prepare.run(options)
     monkeypatch.setattr(prepare, "md5_of", lambda *_: pytest.fail("hashed again"))
     prepare.verify(roles, state)
@@ -131,8 +155,17 @@ def truncated(path, tmp_path):
     return copy
 
 
-@pytest.mark.parametrize("case", ["missing train tar", "truncated train tar", "devkit of another set",
-                                  "a label missing", "devkit without ground truth", "foreign output"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing train tar",
+        "truncated train tar",
+        "devkit of another set",
+        "a label missing",
+        "devkit without ground truth",
+        "foreign output",
+    ],
+)
 def test_archive_problems_are_one_line_errors(archives, tmp_path, case):
     a, extra, output = archives, [], tmp_path / "out"
     if case == "missing train tar":
@@ -144,8 +177,10 @@ def test_archive_problems_are_one_line_errors(archives, tmp_path, case):
     elif case == "devkit of another set":
         other = make_archives(tmp_path / "other", classes=4, val_per_class=5, seed=1)
         a = type(a)(**{**a.__dict__, "devkit": other.devkit})
-        expected = ("labels for 8 images that are not in the val archive (first: ILSVRC2012_val_00000013.JPEG); "
-                    "the labels do not belong to this val archive")
+        expected = (
+            "labels for 8 images that are not in the val archive (first: ILSVRC2012_val_00000013.JPEG); "
+            "the labels do not belong to this val archive"
+        )
     elif case == "a label missing":
         lines = a.kaggle.read_text().splitlines()
         csv = tmp_path / "LOC_val_solution.csv"
@@ -175,8 +210,19 @@ def test_archive_problems_are_one_line_errors(archives, tmp_path, case):
 def test_the_readme_path_from_archives_to_shards(tmp_path):
     """make-dataset --kind archives (a rehearsal), prepare-imagenet with the command it prints, pack, then the
     shards read by check-data: the README's steps, through the CLI."""
-    made = run_cli("make-dataset", "--kind", "archives", "--output", tmp_path / "downloads", "--classes", "2",
-                   "--train-per-class", "3", "--val-per-class", "2")
+    made = run_cli(
+        "make-dataset",
+        "--kind",
+        "archives",
+        "--output",
+        tmp_path / "downloads",
+        "--classes",
+        "2",
+        "--train-per-class",
+        "3",
+        "--val-per-class",
+        "2",
+    )
     assert made.returncode == 0, made.stderr
     command = made.stdout.strip().splitlines()[-1].split()  # hvd-imagenet prepare-imagenet ... --output DIR ...
     command[command.index("DIR")] = str(tmp_path / "imagenet")

@@ -2,6 +2,7 @@
 controllers, a kill during a checkpoint write, corrupt and foreign checkpoints, a resume on another world
 size, diverging training, and an elastic job that loses a worker and one that gains one.
 (The SIGUSR1 stop-and-resume is in test_slurm.py; bad flags and bad data in test_cli.py.)"""
+
 import json
 import math
 import os
@@ -16,13 +17,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import BIN, TINY_TRAIN, cli_env, run_cli, run_horovod, shared_memory_files, wait_for
 
 from hvd_imagenet import checkpoint
 from hvd_imagenet.data.make_dataset import make_dataset
 from hvd_imagenet.data.shards import train_shard
 from hvd_imagenet.errors import UserError
-
-from conftest import BIN, TINY_TRAIN, cli_env, read_jsonl, run_cli, run_horovod, shared_memory_files
+from hvd_imagenet.metrics import read_metrics
 
 
 def processes_with(marker: str) -> list[int]:
@@ -54,16 +55,6 @@ def trainer_of_rank(marker: str, rank: int) -> int | None:
     return None
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 class Job:
     """`horovodrun <launch> hvd-imagenet train ...` in the background, its output in a file, every
     process it starts marked in its environment (so that the test finds each rank and what is left over)."""
@@ -72,12 +63,24 @@ class Job:
         self.marker = f"HVD_TEST_JOB={uuid.uuid4().hex}"
         self.log = tmp_path / "job.log"
         self.output = tmp_path / "run"
-        command = [str(BIN / "horovodrun"), *launch, "hvd-imagenet", "train", "--data", str(data),
-                   "--output", str(self.output), "--loader", "torchvision", *train_args]
+        command = [
+            str(BIN / "horovodrun"),
+            *launch,
+            "hvd-imagenet",
+            "train",
+            "--data",
+            str(data),
+            "--output",
+            str(self.output),
+            "--loader",
+            "torchvision",
+            *train_args,
+        ]
         env = {**cli_env(), self.marker.split("=")[0]: self.marker.split("=")[1]}
         with open(self.log, "w") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -104,8 +107,10 @@ def two_ranks(controller: str) -> list[str]:
     return ["-np", "2", "-H", "localhost:2", controller]
 
 
-@pytest.mark.parametrize(("controller", "loader"), [("--gloo", "torchvision"), ("--mpi", "torchvision"),
-                                                    ("--gloo", "memory")])
+@pytest.mark.parametrize(
+    ("controller", "loader"), [("--gloo", "torchvision"), ("--mpi", "torchvision"), ("--gloo", "memory")]
+)
+@pytest.mark.horovod
 def test_kill_9_of_one_rank_ends_the_job_fast(tiny_data, tmp_path, controller, loader):
     """kill -9 of rank 1 mid-epoch (no chance to say anything): the job ends within 60 s, non-zero, the
     launcher names rank 1, and no process of the job is left behind (loader workers included). With
@@ -150,11 +155,12 @@ time.sleep(10)  # silent: the watchdog ends the process after 1 s
 """
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("then", ["written", "still-writing"])
 def test_the_watchdog_ends_a_silent_process_and_says_where(then):
     result = subprocess.run([sys.executable, "-c", WATCHED, then], capture_output=True, text=True, timeout=60)
     assert result.returncode == 4 and result.stdout == "alive\n", (result.returncode, result.stdout, result.stderr)
-    line, = result.stderr.splitlines()
+    (line,) = result.stderr.splitlines()
     assert line.startswith(f"hvd-imagenet train: rank 3 (host {os.uname().nodename}, pid ")
     assert "(--hang-timeout 1) in evaluation (the last step completed: 1/6 of epoch 3)" in line, line
     if then == "written":  # the checkpoint counts as complete once its writer says so, not after a step
@@ -163,6 +169,7 @@ def test_the_watchdog_ends_a_silent_process_and_says_where(then):
         assert line.endswith("the newest complete checkpoint in /ckpt (rank 0 was writing epoch-0002.pt)"), line
 
 
+@pytest.mark.horovod
 @pytest.mark.parametrize(("controller", "stopped"), [("--gloo", "rank"), ("--mpi", "rank"), ("--mpi", "input")])
 def test_a_stopped_rank_ends_the_job_within_the_hang_timeout(tiny_data, tmp_path, controller, stopped):
     """kill -STOP of rank 1 mid-epoch (alive and silent, as a rank with a driver fault looks from outside):
@@ -177,8 +184,9 @@ def test_a_stopped_rank_ends_the_job_within_the_hang_timeout(tiny_data, tmp_path
     evaluation), so the stall is in training: the rank may still take the batches already prefetched and
     evaluate, then waits at the next training step. (Stopping the val worker too made that a race: once in CI
     the rank had its epoch's last batches prefetched and stalled in evaluation.)"""
-    job = Job(tmp_path, two_ranks(controller), tiny_data, "--epochs", "100", "--hang-timeout", str(HANG_TIMEOUT),
-              *TINY_TRAIN)
+    job = Job(
+        tmp_path, two_ranks(controller), tiny_data, "--epochs", "100", "--hang-timeout", str(HANG_TIMEOUT), *TINY_TRAIN
+    )
     job.wait_for_output("epoch 2/100")  # epoch 1's checkpoint is written
     time.sleep(1)
     rank_1 = job.trainer(1)
@@ -199,8 +207,11 @@ def test_a_stopped_rank_ends_the_job_within_the_hang_timeout(tiny_data, tmp_path
     assert returncode != 0 and HANG_TIMEOUT - 3 < took < HANG_TIMEOUT + 30, (returncode, took, output[-3000:])
     lines = [line for line in output.splitlines() if "rank 0 (host" in line and "no progress for" in line]
     assert len(lines) == 1, output[-3000:]
-    where = re.search(rf"\(--hang-timeout {HANG_TIMEOUT}\) in (training|evaluation|epoch end) "
-                      rf"\(the last step completed: (\d)/6 of epoch (\d+)\)", lines[0])
+    where = re.search(
+        rf"\(--hang-timeout {HANG_TIMEOUT}\) in (training|evaluation|epoch end) "
+        rf"\(the last step completed: (\d)/6 of epoch (\d+)\)",
+        lines[0],
+    )
     assert where, lines[0]
     phase, step, epoch = where.groups()
     assert int(epoch) >= 2 and (phase == "training" if stopped == "input" else step == "6" or phase == "training")
@@ -215,6 +226,7 @@ def test_a_stopped_rank_ends_the_job_within_the_hang_timeout(tiny_data, tmp_path
     job.wait_until_all_gone()
 
 
+@pytest.mark.horovod
 def test_an_evaluation_longer_than_the_hang_timeout_does_not_stop_the_run(tmp_path_factory, tmp_path):
     """--hang-timeout T counts silence, not slowness: an evaluation longer than T (1,200 val images for
     ResNet-50 at 128 px: 17 s here against T = 10 s; at 64 px it was 9 s in one CI run, too short to test
@@ -224,20 +236,49 @@ def test_an_evaluation_longer_than_the_hang_timeout_does_not_stop_the_run(tmp_pa
     data = tmp_path_factory.mktemp("bigval") / "data"
     make_dataset(data, classes=4, train_per_class=12, val_per_class=300, seed=1, workers=2)
     timeout = 10  # s: twice the start-up here
-    job = Job(tmp_path, ["-np", "1", "-H", "localhost:1", "--gloo"], data, "--epochs", "1", "--hang-timeout",
-              str(timeout), *TINY_TRAIN, "--arch", "resnet50", "--image-size", "128", "--val-resize", "144")
+    job = Job(
+        tmp_path,
+        ["-np", "1", "-H", "localhost:1", "--gloo"],
+        data,
+        "--epochs",
+        "1",
+        "--hang-timeout",
+        str(timeout),
+        *TINY_TRAIN,
+        "--arch",
+        "resnet50",
+        "--image-size",
+        "128",
+        "--val-resize",
+        "144",
+    )
     assert job.wait(timeout=240) == 0, job.text()[-3000:]
     assert "no progress for" not in job.text()
-    records = read_jsonl(job.output / "metrics.jsonl")
+    records = read_metrics(job.output)
     assert [r["epoch"] for r in records] == [1] and records[0]["val_seconds"] > timeout, records
 
 
+@pytest.mark.horovod
 def test_a_slow_checkpoint_write_does_not_stop_the_run(tiny_data, tmp_path):
     """Rank 0 held stopped for 0.75 T while its .tmp checkpoint file is open (as a write blocked in a slow
     file system is), rank 1 waiting in the next step: a silence shorter than T. The run ends 0."""
     timeout = 15  # s: 3 times the start-up here
-    job = Job(tmp_path, two_ranks("--gloo"), tiny_data, "--epochs", "2", "--hang-timeout", str(timeout),
-              *TINY_TRAIN, "--arch", "resnet50", "--image-size", "64", "--val-resize", "72")
+    job = Job(
+        tmp_path,
+        two_ranks("--gloo"),
+        tiny_data,
+        "--epochs",
+        "2",
+        "--hang-timeout",
+        str(timeout),
+        *TINY_TRAIN,
+        "--arch",
+        "resnet50",
+        "--image-size",
+        "64",
+        "--val-resize",
+        "72",
+    )
     writing = job.output / "checkpoints" / ".epoch-0001.pt.tmp"
     job.wait_for_output("epoch 1/2", timeout=240)
     rank_0 = job.trainer(0)
@@ -250,28 +291,46 @@ def test_a_slow_checkpoint_write_does_not_stop_the_run(tiny_data, tmp_path):
     assert job.wait(timeout=240) == 0, job.text()[-3000:]
     assert stopped_mid_write
     assert "no progress for" not in job.text()
-    assert [r["epoch"] for r in read_jsonl(job.output / "metrics.jsonl")] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(job.output)] == [1, 2]
 
 
-WRITES = {"synchronous": "checkpoint.save(Path(sys.argv[1]), big, keep=3)\n",
-          "background": "writer = checkpoint.AsyncWriter(Path(sys.argv[1]), keep=3)\nwriter.submit(big)\n"
-                        "time.sleep(60)  # training goes on\n"}
+WRITES = {
+    "synchronous": "checkpoint.save(Path(sys.argv[1]), big, keep=3)\n",
+    "background": "writer = checkpoint.AsyncWriter(Path(sys.argv[1]), keep=3)\nwriter.submit(big)\n"
+    "time.sleep(60)  # training goes on\n",
+}
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("write", WRITES)
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, write):
     """A checkpoint write killed with -9 (the trainer's own, or rank 0 while its background writer writes):
     the previous checkpoint still loads, the partial file is never taken for a checkpoint, and the next save
     removes it."""
     directory = tmp_path / "checkpoints"
-    state = {"model": {"w": torch.ones(3)}, "optimizer": {}, "epoch": 1, "step": 6, "step_in_epoch": 0,
-             "images_done": 0, "partial": None, "config": {}}
+    state = {
+        "model": {"w": torch.ones(3)},
+        "optimizer": {},
+        "epoch": 1,
+        "step": 6,
+        "step_in_epoch": 0,
+        "images_done": 0,
+        "partial": None,
+        "config": {},
+    }
     checkpoint.save(directory, state, keep=3)
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time, torch; from pathlib import Path; from hvd_imagenet import checkpoint\n"
-        "big = {'model': {'w': torch.zeros(400_000_000, dtype=torch.uint8)}, 'optimizer': {}, 'epoch': 2,"
-        " 'step': 12, 'step_in_epoch': 0, 'images_done': 0, 'partial': None, 'config': {}}\n"
-        + WRITES[write]), str(directory)])
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time, torch; from pathlib import Path; from hvd_imagenet import checkpoint\n"
+                "big = {'model': {'w': torch.zeros(400_000_000, dtype=torch.uint8)}, 'optimizer': {}, 'epoch': 2,"
+                " 'step': 12, 'step_in_epoch': 0, 'images_done': 0, 'partial': None, 'config': {}}\n" + WRITES[write]
+            ),
+            str(directory),
+        ]
+    )
     partial = directory / ".epoch-0002.pt.tmp"
     wait_for(lambda: partial.exists() and partial.stat().st_size > 0, 60, "the write to begin")
     writer.send_signal(signal.SIGKILL)
@@ -283,10 +342,19 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, write):
     assert sorted(p.name for p in directory.iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
 
 
+@pytest.mark.unit
 def test_corrupt_and_foreign_checkpoints_are_refused_without_running_code(tmp_path):
     directory = tmp_path / "checkpoints"
-    state = {"model": {}, "optimizer": {}, "epoch": 1, "step": 6, "step_in_epoch": 0, "images_done": 0,
-             "partial": None, "config": {}}
+    state = {
+        "model": {},
+        "optimizer": {},
+        "epoch": 1,
+        "step": 6,
+        "step_in_epoch": 0,
+        "images_done": 0,
+        "partial": None,
+        "config": {},
+    }
     checkpoint.save(directory, state, keep=0)
     newest = checkpoint.save(directory, {**state, "epoch": 2}, keep=0)
 
@@ -310,6 +378,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused_without_running_code(tmp_pa
         checkpoint.load_latest(directory)
 
 
+@pytest.mark.horovod
 def test_corrupt_checkpoint_ends_resume_in_one_line(tiny_data, tmp_path):
     output = tmp_path / "run"
     train = ["--data", tiny_data, "--output", output, "--loader", "torchvision", *TINY_TRAIN]
@@ -324,46 +393,52 @@ def test_corrupt_checkpoint_ends_resume_in_one_line(tiny_data, tmp_path):
     assert "<stderr>:Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.horovod
 def test_resume_on_another_world_size(tiny_data, tmp_path):
     """2 ranks for epoch 1, then 1 rank (or 2 ranks with twice the virtual workers per pass): refused with what
     the linear scaling rule changes; with --allow-resize it trains on, at half the lr. --keep-checkpoints 1
     leaves only the newest."""
     output = tmp_path / "run"
-    train = ["--data", tiny_data, "--output", output, "--loader", "torchvision", "--keep-checkpoints", "1",
-             *TINY_TRAIN]
+    train = ["--data", tiny_data, "--output", output, "--loader", "torchvision", "--keep-checkpoints", "1", *TINY_TRAIN]
     run_horovod("--epochs", "1", *train)
     refused = run_horovod("--epochs", "2", "--resume", *train, np=1, check=False)
     assert refused.returncode != 0
-    assert "was written by 2 ranks at global batch kn=8 (peak lr 0.003125, 6 steps/epoch); this run has 1 ranks " \
-           "and kn=4, so by the linear scaling rule (Sec. 2.1) its peak lr is 0.001563, and an epoch is 12 steps" \
-           in refused.stderr, refused.stderr[-2000:]
+    assert (
+        "was written by 2 ranks at global batch kn=8 (peak lr 0.003125, 6 steps/epoch); this run has 1 ranks "
+        "and kn=4, so by the linear scaling rule (Sec. 2.1) its peak lr is 0.001563, and an epoch is 12 steps"
+        in refused.stderr
+    ), refused.stderr[-2000:]
     assert "--allow-resize" in refused.stderr
     # The same 2 ranks with 2 virtual workers per pass: another global batch, refused the same way
     doubled = run_horovod("--epochs", "2", "--resume", "--virtual-workers-per-pass", "2", *train, check=False)
     assert doubled.returncode != 0
-    assert "was written by 2 ranks at global batch kn=8 (peak lr 0.003125, 6 steps/epoch); this run has 2 ranks " \
-           "and kn=16, so by the linear scaling rule (Sec. 2.1) its peak lr is 0.00625, and an epoch is 3 steps" \
-           in doubled.stderr, doubled.stderr[-2000:]
+    assert (
+        "was written by 2 ranks at global batch kn=8 (peak lr 0.003125, 6 steps/epoch); this run has 2 ranks "
+        "and kn=16, so by the linear scaling rule (Sec. 2.1) its peak lr is 0.00625, and an epoch is 3 steps"
+        in doubled.stderr
+    ), doubled.stderr[-2000:]
 
     run_horovod("--epochs", "2", "--resume", "--allow-resize", *train, np=1)
-    records = read_jsonl(output / "metrics.jsonl")
+    records = read_metrics(output)
     assert [(r["epoch"], r["world_size"], r["global_batch"]) for r in records] == [(1, 2, 8), (2, 1, 4)]
     assert records[1]["lr"] == pytest.approx(0.1 * 4 / 256 * 0.1)  # kn=4's peak lr, x0.1 after epoch 1
     assert records[1]["train_images"] == 48
     assert [p.name for p in checkpoint.list_checkpoints(output / "checkpoints")] == ["epoch-0002.pt"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("done_before", "k_before", "k_after"), [(0, 4, 4), (24, 4, 3), (32, 8, 2), (96, 2, 5)])
 def test_an_epoch_continued_on_another_world_size_reads_every_image_once(done_before, k_before, k_after):
     """images_done counts a prefix of the epoch's shuffle: the images read before (whatever k) and the
     shards after the resize partition the epoch, less the tail that does not divide among the new ranks."""
     num, seed, epoch = 101, 3, 2
-    before = {i for r in range(k_before) for i in train_shard(num, seed, epoch, r, k_before)[:done_before // k_before]}
+    before = {i for r in range(k_before) for i in train_shard(num, seed, epoch, r, k_before)[: done_before // k_before]}
     after = [i for r in range(k_after) for i in train_shard(num, seed, epoch, r, k_after, done_before)]
     assert len(before) == done_before and not before & set(after) and len(after) == len(set(after))
     assert len(before) + len(after) == done_before + (num - done_before) // k_after * k_after
 
 
+@pytest.mark.horovod
 def test_diverging_training_stops_and_names_the_last_good_checkpoint(tiny_data, tmp_path):
     """An absurd lr makes the weights overflow within a few steps: every rank stops at the same step, exit
     status 3, one line naming the step and the last good checkpoint, which is left as it was."""
@@ -383,11 +458,24 @@ def test_diverging_training_stops_and_names_the_last_good_checkpoint(tiny_data, 
     assert [p.name for p in checkpoint.list_checkpoints(output / "checkpoints")][-1] == "epoch-0001.pt"
 
 
+@pytest.mark.horovod
 def test_skip_nonfinite_counts_skipped_steps_and_keeps_the_weights_finite(tiny_data, tmp_path):
     output = tmp_path / "run"
-    run_horovod("--data", tiny_data, "--output", output, "--loader", "torchvision", "--epochs", "3",
-                "--base-lr", "1e12", "--skip-nonfinite", *TINY_TRAIN)
-    records = read_jsonl(output / "metrics.jsonl")
+    run_horovod(
+        "--data",
+        tiny_data,
+        "--output",
+        output,
+        "--loader",
+        "torchvision",
+        "--epochs",
+        "3",
+        "--base-lr",
+        "1e12",
+        "--skip-nonfinite",
+        *TINY_TRAIN,
+    )
+    records = read_metrics(output)
     skipped = [r["skipped_steps"] for r in records]
     assert sum(skipped) > 0 and all(0 <= s <= 6 for s in skipped), skipped
     assert [r["train_images"] for r in records] == [48 - 8 * s for s in skipped]  # skipped steps not counted
@@ -404,22 +492,44 @@ def elastic_job(tiny_data, tmp_path, hosts_before: str, hosts_after: str, np: in
     change lands in epoch 2 or later (noticed at the next commit, every 2 steps)."""
     output = tmp_path / "run"
     script = tmp_path / "discover_hosts.sh"
-    script.write_text("#!/bin/sh\n"
-                      f"if [ -e {output}/checkpoints/epoch-0001.pt ]; then printf '{hosts_after}'; "
-                      f"else printf '{hosts_before}'; fi\n")
+    script.write_text(
+        "#!/bin/sh\n"
+        f"if [ -e {output}/checkpoints/epoch-0001.pt ]; then printf '{hosts_after}'; "
+        f"else printf '{hosts_before}'; fi\n"
+    )
     script.chmod(0o755)
     # --network-interface: without it Horovod's elastic driver waits for 2 hosts to probe their common
     # interfaces, and a job that starts on one host never starts.
-    launch = ["-np", str(np), "--min-np", "1", "--max-np", "2", "--network-interface", "lo",
-              "--host-discovery-script", str(script)]
-    return Job(tmp_path, launch, tiny_data, "--elastic", "--elastic-commit-steps", "2", "--epochs", str(epochs),
-               *TINY_TRAIN, *extra)
+    launch = [
+        "-np",
+        str(np),
+        "--min-np",
+        "1",
+        "--max-np",
+        "2",
+        "--network-interface",
+        "lo",
+        "--host-discovery-script",
+        str(script),
+    ]
+    return Job(
+        tmp_path,
+        launch,
+        tiny_data,
+        "--elastic",
+        "--elastic-commit-steps",
+        "2",
+        "--epochs",
+        str(epochs),
+        *TINY_TRAIN,
+        *extra,
+    )
 
 
 def finish(job: Job) -> tuple[str, list[dict]]:
     """The job's output and metrics records, once it has ended 0."""
     assert job.wait(timeout=300) == 0, job.text()[-6000:]
-    return job.text(), read_jsonl(job.output / "metrics.jsonl")
+    return job.text(), read_metrics(job.output)
 
 
 def world_sizes_change_once(records: list[dict], before: int, after: int) -> int:
@@ -431,6 +541,7 @@ def world_sizes_change_once(records: list[dict], before: int, after: int) -> int
     return changed
 
 
+@pytest.mark.horovod
 def test_elastic_job_loses_a_worker_and_finishes(tiny_data, tmp_path):
     """2 workers; in epoch 2 the discovery script drops one host. The other goes on alone: global batch
     8 -> 4, lr halved (linear scaling rule), epoch 2 finished from where the last commit left it with
@@ -444,6 +555,7 @@ def test_elastic_job_loses_a_worker_and_finishes(tiny_data, tmp_path):
     assert all(math.isfinite(r["val_loss"]) for r in records)
 
 
+@pytest.mark.horovod
 def test_elastic_job_loses_a_worker_killed_with_9_and_finishes(tiny_data, tmp_path):
     """kill -9 of one of 2 workers in epoch 2 (a failure, not a removal by the discovery script): the other
     rolls back to the last commit, goes on alone from there (global batch 8 -> 4, lr halved) and finishes.
@@ -466,6 +578,7 @@ def test_elastic_job_loses_a_worker_killed_with_9_and_finishes(tiny_data, tmp_pa
     job.wait_until_all_gone()
 
 
+@pytest.mark.horovod
 def test_elastic_job_takes_in_a_worker_that_joins(tiny_data, tmp_path):
     """1 worker; after epoch 1 the discovery script adds a host. The newcomer starts (a few seconds here),
     gets rank 0's state and joins at a commit of epoch 2 or later; every epoch counts its 48 images once and
@@ -479,6 +592,7 @@ def test_elastic_job_takes_in_a_worker_that_joins(tiny_data, tmp_path):
     assert len(digests) == 2 and len(set(digests)) == 1  # the newcomer holds the same weights
 
 
+@pytest.mark.cli
 def test_elastic_outside_an_elastic_launch_is_a_clear_error(tiny_data, tmp_path):
     result = run_cli("train", "--data", tiny_data, "--output", tmp_path / "run", "--elastic", *TINY_TRAIN)
     assert result.returncode == 2 and "--elastic: start the job with horovodrun --min-np" in result.stderr

@@ -1,10 +1,13 @@
 """The lr schedule against the paper's numbers (Goyal et al. Sec. 2, 5.1; Table 2a). No torch, no Horovod."""
+
 import math
 
 import pytest
 
 from hvd_imagenet.errors import UserError
 from hvd_imagenet.schedule import LRPolicy, lr_at, peak_lr
+
+pytestmark = pytest.mark.unit
 
 PAPER = LRPolicy()  # base 0.1 at 256, linear, gradual warmup 5 epochs, x0.1 at 30/60/80
 ITERS = 5005  # the iterations per epoch of the issue's example (ImageNet-1k at kn = 256); any value works
@@ -23,7 +26,7 @@ def test_gradual_warmup_from_eta_to_k_eta_then_steps():
     warmup = 5 * ITERS
     assert lr[0] == pytest.approx(0.1)
     # A constant increment every iteration (Sec. 2.2), reaching 3.2 when warmup ends.
-    increments = {round(b - a, 12) for a, b in zip(lr[:warmup], lr[1:warmup + 1])}
+    increments = {round(b - a, 12) for a, b in zip(lr[:warmup], lr[1 : warmup + 1])}
     assert len(increments) == 1 and increments.pop() == pytest.approx((3.2 - 0.1) / warmup)
     assert lr[warmup] == pytest.approx(3.2)
     assert lr[30 * ITERS - 1] == pytest.approx(3.2)
@@ -48,10 +51,20 @@ def test_baseline_minibatch_has_nothing_to_warm_up():
     assert lr_at(PAPER, 0, 100, 64) == pytest.approx(0.025)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(lr_scaling="cube"), dict(warmup="slow"), dict(base_lr=-0.1), dict(base_lr=0.0), dict(ref_batch=0),
-    dict(warmup_epochs=-1), dict(lr_steps=(60, 30)), dict(lr_steps=(0, 30)), dict(lr_decay=0.0),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lr_scaling="cube"),
+        dict(warmup="slow"),
+        dict(base_lr=-0.1),
+        dict(base_lr=0.0),
+        dict(ref_batch=0),
+        dict(warmup_epochs=-1),
+        dict(lr_steps=(60, 30)),
+        dict(lr_steps=(0, 30)),
+        dict(lr_decay=0.0),
+    ],
+)
 def test_bad_policy_is_a_user_error(bad):
     with pytest.raises(UserError):
         LRPolicy(**bad)

@@ -4,6 +4,7 @@ On this machine: one node, 2 tasks, CPU, tiny data, the 32x8 headers overridden 
 a user would. Then the 32 x 8 GPU topology on 32 emulated nodes with the script's own headers and a stub in
 place of the trainer. The tests skip, saying why, where SLURM cannot be started (not root, not installed).
 """
+
 import json
 import os
 import signal
@@ -13,16 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import cli_env, read_jsonl
+from conftest import cli_env, wait_for
 from slurm_cluster import LocalSlurm, unavailable_reason
+
+from hvd_imagenet.metrics import read_metrics
 
 SBATCH = Path(__file__).resolve().parent.parent / "slurm" / "train_resnet50.sbatch"
 # This machine in place of 32 nodes x 8 GPUs: what a user changes on the command line, nothing in the script.
 ONE_CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 TINY = "--arch resnet18 --image-size 32 --val-resize 36 --warmup-epochs 1 --lr-steps 1 --workers 1 --loader torchvision"
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"no local SLURM: {unavailable_reason()}")
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(unavailable_reason() is not None, reason=f"no local SLURM: {unavailable_reason()}"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +38,16 @@ def slurm():
 
 
 def job_env(cluster: LocalSlurm, data: Path, output: Path, train_args: str) -> dict:
-    return {**cli_env(), **cluster.env, "DATA_DIR": str(data), "OUTPUT_DIR": str(output), "TRAIN_ARGS": train_args,
-            # Open MPI between the ranks over TCP on loopback (the script's UCX default wants a fabric)
-            "OMPI_MCA_pml": "ob1", "OMPI_MCA_btl": "self,tcp"}
+    return {
+        **cli_env(),
+        **cluster.env,
+        "DATA_DIR": str(data),
+        "OUTPUT_DIR": str(output),
+        "TRAIN_ARGS": train_args,
+        # Open MPI between the ranks over TCP on loopback (the script's UCX default wants a fabric)
+        "OMPI_MCA_pml": "ob1",
+        "OMPI_MCA_btl": "self,tcp",
+    }
 
 
 def sbatch(env: dict, log_dir: Path, *options: str, wait: bool = True) -> tuple[int, str]:
@@ -56,26 +68,24 @@ def job_log(log_dir: Path, job_id: str) -> str:
 
 
 def wait_until_gone(cluster: LocalSlurm, job_id: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                               env=cluster.env).stdout.strip()
-        if not state:
-            return
-        time.sleep(1)
-    raise AssertionError(f"job {job_id} still queued or running after {timeout:.0f} s")
+    def gone() -> bool:
+        squeue = ["squeue", "-h", "-j", job_id, "-o", "%T"]
+        return not subprocess.run(squeue, capture_output=True, text=True, env=cluster.env).stdout.strip()
+
+    wait_for(gone, timeout, f"job {job_id} to leave the queue", interval=1)
 
 
 def test_sbatch_trains_on_local_slurm(slurm, tiny_data, tmp_path):
     output = tmp_path / "run"
-    status, job_id = sbatch(job_env(slurm, tiny_data, output, f"--epochs 1 --batch-size 4 {TINY}"), tmp_path,
-                            *ONE_CPU_NODE)
+    status, job_id = sbatch(
+        job_env(slurm, tiny_data, output, f"--epochs 1 --batch-size 4 {TINY}"), tmp_path, *ONE_CPU_NODE
+    )
     log = job_log(tmp_path, job_id)
     assert status == 0, log
     config = json.loads((output / "config.json").read_text())  # written by rank 0
     assert config["world_size"] == 2 and config["controller"] == "MPI"  # srun --mpi=pmix started Horovod on MPI
     assert config["resume"] is True  # the script always resumes; the first start found no checkpoint
-    records = read_jsonl(output / "metrics.jsonl")
+    records = read_metrics(output)
     assert [r["epoch"] for r in records] == [1] and records[0]["val_images"] == 20
     assert records[0]["weights_digests"][0] == records[0]["weights_digests"][1]
     assert (output / "checkpoints" / "epoch-0001.pt").exists()
@@ -96,10 +106,13 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(slurm, tiny_data, tmp_
     assert status == 0
 
     _, job_id = sbatch(job_env(slurm, tiny_data, split, train), tmp_path, *ONE_CPU_NODE, wait=False)
-    deadline = time.monotonic() + 120
-    while "hvd-imagenet: resnet18" not in job_log(tmp_path, job_id):  # every rank has its handler by then
-        assert time.monotonic() < deadline, job_log(tmp_path, job_id)
-        time.sleep(0.5)
+    wait_for(  # every rank has its signal handler by then
+        lambda: "hvd-imagenet: resnet18" in job_log(tmp_path, job_id),
+        120,
+        "the job's start",
+        interval=0.5,
+        detail=lambda: job_log(tmp_path, job_id),
+    )
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True, env=slurm.env)  # to every task, not the shell
     wait_until_gone(slurm, job_id, timeout=240)
 
@@ -108,7 +121,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes_exactly(slurm, tiny_data, tmp_
     assert f"requeueing job {job_id}" in log and f"job {job_id} (start 2)" in log
     assert "continuing from" in log and "epoch-0000-step-000010.pt (0 epochs and 10 steps done)" in log
     assert not (split / "stopped.json").exists()  # the second start cleared it and finished
-    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(split / "metrics.jsonl")
+    a, b = read_metrics(whole), read_metrics(split)
     assert [r["epoch"] for r in b] == [1, 2]
     for x, y in zip(a, b):
         for key in ("lr", "train_loss", "train_top1", "steps", "val_images"):
@@ -131,10 +144,13 @@ def test_staging_copies_the_shards_to_each_node_once_and_trains_from_the_copies(
     cluster = LocalSlurm.start(nodes=2, cpus_per_node=1)
     try:
         stage = tmp_path / "stage"
-        env = {**job_env(cluster, tiny_shards, tmp_path / "first", f"--epochs 1 --batch-size 4 {TINY} --loader dali"),
-               "STAGE_DIR": f"{stage}/%n",
-               # Open MPI between "nodes" that are one machine: TCP on loopback (the environment's notes)
-               "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+        env = {
+            **job_env(cluster, tiny_shards, tmp_path / "first", f"--epochs 1 --batch-size 4 {TINY} --loader dali"),
+            "STAGE_DIR": f"{stage}/%n",
+            # Open MPI between "nodes" that are one machine: TCP on loopback (the environment's notes)
+            "OMPI_MCA_btl_tcp_if_include": "lo",
+            "OMPI_MCA_oob_tcp_if_include": "lo",
+        }
         two_nodes = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
         status, job_id = sbatch(env, tmp_path, *two_nodes)
         log = job_log(tmp_path, job_id)
@@ -147,7 +163,7 @@ def test_staging_copies_the_shards_to_each_node_once_and_trains_from_the_copies(
         config = json.loads((tmp_path / "first" / "config.json").read_text())
         assert config["data"] == f"{stage}/node01" and config["world_size"] == 2  # rank 0 read node01's copy
         assert config["input"].endswith("read from packed shards by 8 threads")
-        records = read_jsonl(tmp_path / "first" / "metrics.jsonl")
+        records = read_metrics(tmp_path / "first")
         assert records[0]["val_images"] == 20 and records[0]["train_images"] == 48
         assert records[0]["weights_digests"][0] == records[0]["weights_digests"][1]
 
@@ -177,18 +193,24 @@ def task_trainer(job_id: str, task: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_hung_task_ends_the_job_step_within_the_hang_timeout(slurm, tiny_data, tmp_path):
     """Task 1 stopped with SIGSTOP in epoch 2, under srun --mpi=pmix as the cluster runs it: task 0's
     watchdog ends task 0 after HANG_TIMEOUT, srun (--kill-on-bad-exit) ends the step, the stopped task
     included, and the job ends failed, without a requeue."""
     hang_timeout = 20  # s: 3-5 times the start-up to the first step here
-    env = {**job_env(slurm, tiny_data, tmp_path / "run", f"--epochs 100 --batch-size 4 {TINY}"),
-           "HANG_TIMEOUT": str(hang_timeout)}
+    env = {
+        **job_env(slurm, tiny_data, tmp_path / "run", f"--epochs 100 --batch-size 4 {TINY}"),
+        "HANG_TIMEOUT": str(hang_timeout),
+    }
     _, job_id = sbatch(env, tmp_path, *ONE_CPU_NODE, wait=False)
-    deadline = time.monotonic() + 120
-    while "epoch 2/100" not in job_log(tmp_path, job_id):  # epoch 1's checkpoint is written
-        assert time.monotonic() < deadline, job_log(tmp_path, job_id)
-        time.sleep(0.5)
+    wait_for(  # epoch 1's checkpoint is written by then
+        lambda: "epoch 2/100" in job_log(tmp_path, job_id),
+        120,
+        "epoch 2 to start",
+        interval=0.5,
+        detail=lambda: job_log(tmp_path, job_id),
+    )
     victim = task_trainer(job_id, 1)
     assert victim, job_log(tmp_path, job_id)
     os.kill(victim, signal.SIGSTOP)
@@ -215,10 +237,21 @@ echo "TASK $SLURMD_NODENAME $SLURM_LOCALID $SLURM_PROCID ${gpus[$SLURM_LOCALID]}
 def submit_unmodified(cluster: LocalSlurm, script: str, workdir: Path, stub: Path) -> str:
     """sbatch --wait with no option but the script, from `workdir` (a stand-in for the repository root);
     returns the job's log, which the script's own --output header names."""
-    env = {**cli_env(), **cluster.env, "HVD_IMAGENET": str(stub), "DATA_DIR": str(workdir / "data"),
-           "OUTPUT_DIR": str(workdir / "run")}
-    result = subprocess.run(["sbatch", "--wait", "--parsable", f"slurm/{script}"], capture_output=True, text=True,
-                            env=env, cwd=workdir, timeout=300)
+    env = {
+        **cli_env(),
+        **cluster.env,
+        "HVD_IMAGENET": str(stub),
+        "DATA_DIR": str(workdir / "data"),
+        "OUTPUT_DIR": str(workdir / "run"),
+    }
+    result = subprocess.run(
+        ["sbatch", "--wait", "--parsable", f"slurm/{script}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=workdir,
+        timeout=300,
+    )
     job_id = result.stdout.strip().split(";")[0]
     logs = list((workdir / "logs").glob(f"*-{job_id}.out"))
     log = logs[0].read_text() if logs else "(no log)"
@@ -293,23 +326,39 @@ def test_a_container_job_mounts_every_directory_it_writes(slurm, tmp_path, stage
     workdir.mkdir()
     data.mkdir()
     output, checkpoints = tmp_path / "out" / "run", tmp_path / "fast" / "ckpt"
-    env = {**cli_env(), **slurm.env, "PATH": f"{tmp_path / 'bin'}:{cli_env()['PATH']}",
-           "HVD_IMAGENET": str(tmp_path / "bin" / "stub.sh"), "DATA_DIR": str(data), "OUTPUT_DIR": str(output),
-           "CHECKPOINT_DIR": str(checkpoints), "CONTAINER_RUNTIME": "apptainer", "CONTAINER_IMAGE": "image.sif"}
+    env = {
+        **cli_env(),
+        **slurm.env,
+        "PATH": f"{tmp_path / 'bin'}:{cli_env()['PATH']}",
+        "HVD_IMAGENET": str(tmp_path / "bin" / "stub.sh"),
+        "DATA_DIR": str(data),
+        "OUTPUT_DIR": str(output),
+        "CHECKPOINT_DIR": str(checkpoints),
+        "CONTAINER_RUNTIME": "apptainer",
+        "CONTAINER_IMAGE": "image.sif",
+    }
     local = tmp_path / "local"
     if staged:
         env["STAGE_DIR"] = f"{local}/%n"
-    result = subprocess.run(["sbatch", "--wait", "--parsable", f"--output={tmp_path}/%j.out", *ONE_CPU_NODE,
-                             str(SBATCH)], capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
+    result = subprocess.run(
+        ["sbatch", "--wait", "--parsable", f"--output={tmp_path}/%j.out", *ONE_CPU_NODE, str(SBATCH)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=workdir,
+        timeout=300,
+    )
     log = job_log(tmp_path, result.stdout.strip().split(";")[0])
     assert result.returncode == 0, result.stderr + log
     binds = {line.split()[1] for line in log.splitlines() if line.startswith("BIND ")}
-    assert binds == {f"{data}:{data}:ro", str(workdir), str(output), str(checkpoints)} | ({str(local)} if staged
-                                                                                          else set()), log
+    assert binds == {f"{data}:{data}:ro", str(workdir), str(output), str(checkpoints)} | (
+        {str(local)} if staged else set()
+    ), log
     runs = [line.split()[2:] for line in log.splitlines() if line.startswith("RUN ")]
     stages = [run for run in runs if run[0] == "stage"]
     trains = [run for run in runs if run[0] == "train"]
     assert stages == ([["stage", "--shards", str(data), "--to", f"{local}/%n"]] if staged else []), log
-    assert len(trains) == 2 and all(run[run.index("--data") + 1] == (f"{local}/%n" if staged else str(data))
-                                    for run in trains), log
+    assert len(trains) == 2 and all(
+        run[run.index("--data") + 1] == (f"{local}/%n" if staged else str(data)) for run in trains
+    ), log
     assert len([line for line in log.splitlines() if line.startswith("TASK ")]) == 2 + staged

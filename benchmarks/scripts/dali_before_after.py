@@ -7,6 +7,7 @@ Each repeat builds both loaders in turn (interleaved, so a slow moment of the ma
 untimed epoch, then times --epochs epochs of training batches; the medians over --repeats are printed. The
 same measurement as `hvd-imagenet bench-loader`, with the old module loaded from git for the comparison.
 """
+
 import argparse
 import importlib.util
 import json
@@ -21,13 +22,17 @@ import torch
 
 from hvd_imagenet.config import TrainConfig
 from hvd_imagenet.context import DistContext
-from hvd_imagenet.data import dali, read_samples
+from hvd_imagenet.data import dali
+from hvd_imagenet.data.loaders import read_samples
 
 
 def module_at(commit: str):
     """hvd_imagenet/data/dali.py as of `commit`, imported as a module of the package (its relative imports)."""
-    source = subprocess.run(["git", "show", f"{commit}:hvd_imagenet/data/dali.py"], capture_output=True, text=True,
-                            check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{commit}:hvd_imagenet/data/dali.py"], capture_output=True, text=True, check=True
+    ).stdout
+    # Loaders, Samples and default_threads moved from data/__init__.py to data/loaders.py (issue 27).
+    source = source.replace("from . import Loaders", "from .loaders import Loaders")
     path = Path(tempfile.mkdtemp()) / "dali_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("hvd_imagenet.data.dali_before", path)
@@ -61,8 +66,15 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ctx = DistContext(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
-    config = TrainConfig(data=args.data, output="(writes nothing)", loader="dali", batch_size=args.batch_size,
-                         image_size=args.image_size, val_resize=args.image_size, dali_threads=args.threads)
+    config = TrainConfig(
+        data=args.data,
+        output="(writes nothing)",
+        loader="dali",
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        val_resize=args.image_size,
+        dali_threads=args.threads,
+    )
     samples = read_samples(Path(args.data), "")
     modules = {f"before ({args.before})": module_at(args.before), "after (working tree)": dali}
     runs = {name: [] for name in modules}
@@ -70,18 +82,29 @@ def main() -> None:
         for name, module in modules.items():
             runs[name].append(images_per_second(module, config, ctx, samples, args.epochs))
     medians = {name: statistics.median(values) for name, values in runs.items()}
-    report = {"command": " ".join(sys.argv), "data": args.data, "train_images": len(samples.train),
-              "image_size": args.image_size, "batch_size": args.batch_size, "threads": args.threads,
-              "epochs": args.epochs, "repeats": args.repeats, "images_per_sec": medians, "runs": runs,
-              "after_over_before": medians["after (working tree)"] / medians[f"before ({args.before})"]}
+    report = {
+        "command": " ".join(sys.argv),
+        "data": args.data,
+        "train_images": len(samples.train),
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "images_per_sec": medians,
+        "runs": runs,
+        "after_over_before": medians["after (working tree)"] / medians[f"before ({args.before})"],
+    }
     if args.json:
         print(json.dumps(report, indent=1))
         return
     for name, value in medians.items():
         print(f"{name:<24} {value:>8.1f} img/s  runs {', '.join(f'{v:.0f}' for v in runs[name])}")
-    print(f"after / before: {report['after_over_before']:.2f}x ({len(samples.train)} train images, "
-          f"{args.image_size} px, batch {args.batch_size}, {args.threads} threads, median of {args.repeats} x "
-          f"{args.epochs} epochs)")
+    print(
+        f"after / before: {report['after_over_before']:.2f}x ({len(samples.train)} train images, "
+        f"{args.image_size} px, batch {args.batch_size}, {args.threads} threads, median of {args.repeats} x "
+        f"{args.epochs} epochs)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ table shows the median.
 PowerSGD compresses matrices, so it runs on the resnet50 payload only; its time includes the matrix products
 and orthogonalization, its wire bytes are the P and Q factors and the uncompressed 1-D tensors.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -43,12 +44,14 @@ def wire_bytes(shapes: list[torch.Size], compression: str, reducer: comm.PowerSG
     if reducer is not None:
         return reducer.wire_elements() * 4
     compressor = comm.COMPRESSORS[compression]
-    return sum(compressor.compress(torch.empty(shape, device="meta"))[0].element_size() * shape.numel()
-               for shape in shapes)
+    return sum(
+        compressor.compress(torch.empty(shape, device="meta"))[0].element_size() * shape.numel() for shape in shapes
+    )
 
 
-def time_one(ctx: DistContext, shapes: list[torch.Size], compression: str, repeats: int, warmup: int,
-             powersgd_rank: int) -> dict:
+def time_one(
+    ctx: DistContext, shapes: list[torch.Size], compression: str, repeats: int, warmup: int, powersgd_rank: int
+) -> dict:
     generator = torch.Generator().manual_seed(ctx.rank)
     tensors = [torch.randn(shape, generator=generator).to(ctx.device) for shape in shapes]
     reducer = None
@@ -70,17 +73,26 @@ def time_one(ctx: DistContext, shapes: list[torch.Size], compression: str, repea
     payload_bytes = sum(shape.numel() for shape in shapes) * 4
     median = statistics.median(seconds)
     algbw = payload_bytes / median
-    return {"compression": compression, "seconds": median, "runs_seconds": seconds,
-            "payload_bytes": payload_bytes, "wire_bytes": wire_bytes(shapes, compression, reducer),
-            "algbw_gb_s": algbw / 1e9, "busbw_gb_s": algbw * 2 * (ctx.size - 1) / ctx.size / 1e9}
+    return {
+        "compression": compression,
+        "seconds": median,
+        "runs_seconds": seconds,
+        "payload_bytes": payload_bytes,
+        "wire_bytes": wire_bytes(shapes, compression, reducer),
+        "algbw_gb_s": algbw / 1e9,
+        "busbw_gb_s": algbw * 2 * (ctx.size - 1) / ctx.size / 1e9,
+    }
 
 
 @dataclass(frozen=True)
 class AllreduceBenchOptions:
-    payloads: tuple[str, ...] = opt("resnet50 (its 161 gradient tensors, fused) and/or numbers of float32 elements",
-                                    (PAYLOAD_MODEL, "1e6", "4e6", "25.6e6"))
-    compression: tuple[str, ...] = opt("compressors (powersgd: resnet50 payload only)", tuple(COMPRESSIONS),
-                                       choices=tuple(COMPRESSIONS))
+    payloads: tuple[str, ...] = opt(
+        "resnet50 (its 161 gradient tensors, fused) and/or numbers of float32 elements",
+        (PAYLOAD_MODEL, "1e6", "4e6", "25.6e6"),
+    )
+    compression: tuple[str, ...] = opt(
+        "compressors (powersgd: resnet50 payload only)", tuple(COMPRESSIONS), choices=tuple(COMPRESSIONS)
+    )
     repeats: int = opt("timed runs; the table shows the median", 10, min=1)
     warmup: int = opt("untimed runs first", 2, min=0)
     powersgd_rank: int = opt("PowerSGD's rank r", train_default("powersgd_rank"), min=1)
@@ -105,8 +117,12 @@ def bench_allreduce(ctx: DistContext, options: AllreduceBenchOptions) -> dict:
     from tqdm import tqdm
 
     rows = []
-    cases = [(payload, c) for payload in options.payloads for c in options.compression
-             if c != "powersgd" or payload == PAYLOAD_MODEL]
+    cases = [
+        (payload, c)
+        for payload in options.payloads
+        for c in options.compression
+        if c != "powersgd" or payload == PAYLOAD_MODEL
+    ]
     for payload, compression in tqdm(cases, desc="bench-allreduce", disable=not ctx.is_primary, leave=False):
         shapes = payload_shapes(payload)
         row = {"payload": payload, "elements": sum(s.numel() for s in shapes), "tensors": len(shapes)}
@@ -120,16 +136,25 @@ def bench_allreduce(ctx: DistContext, options: AllreduceBenchOptions) -> dict:
         if "seconds" in row and "seconds" in base:
             row["speedup_vs_none"] = base["seconds"] / row["seconds"]
             row["wire_fraction_of_none"] = row["wire_bytes"] / base["wire_bytes"]
-    return {"benchmark": "bench-allreduce", "ranks": ctx.size, "controller": comm.controller(),
-            "device": device_name(ctx.device), "repeats": options.repeats, "warmup": options.warmup,
-            "powersgd_rank": options.powersgd_rank, "results": rows}
+    return {
+        "benchmark": "bench-allreduce",
+        "ranks": ctx.size,
+        "controller": comm.controller(),
+        "device": device_name(ctx.device),
+        "repeats": options.repeats,
+        "warmup": options.warmup,
+        "powersgd_rank": options.powersgd_rank,
+        "results": rows,
+    }
 
 
 def run(options: AllreduceBenchOptions) -> None:
     if launch.under_launcher():  # one of the ranks
         if options.launch.link != "loopback":
-            raise UserError("--link starts its own ranks in a shaped network namespace; run bench-allreduce "
-                            "without horovodrun/mpirun/srun")
+            raise UserError(
+                "--link starts its own ranks in a shaped network namespace; run bench-allreduce "
+                "without horovodrun/mpirun/srun"
+            )
         ctx = comm.init()
         report = bench_allreduce(ctx, options)
         if ctx.is_primary:
@@ -138,30 +163,43 @@ def run(options: AllreduceBenchOptions) -> None:
         return
     with launch.shaped_namespace(options.launch.link) as prefix:
         link = launch.link_record(options.launch.link, prefix)
-        report = launch.run_ranks(prefix, options.np, options.launch.controller,
-                                  launch.forward("bench-allreduce", options))
+        report = launch.run_ranks(
+            prefix, options.np, options.launch.controller, launch.forward("bench-allreduce", options)
+        )
     launch.emit({**report, "link": link}, options.launch, format_report)
 
 
 def format_report(report: dict) -> str:
     link = report.get("link", {})
-    where = (f"lo shaped to {link['name']} (measured {link['measured_gbit_s']:.2f} Gbit/s)" if link.get("shaped")
-             else "loopback (memory is the link)")
-    lines = [f"bench-allreduce: {report['ranks']} ranks, {report['controller']}, {report['device']}, {where}, "
-             f"median of {report['repeats']}",
-             f"{'payload':<10} {'compression':<11} {'wire MB':>8} {'% of none':>9} {'time ms':>9} "
-             f"{'algbw GB/s':>10} {'busbw GB/s':>10} {'vs none':>8}"]
+    where = (
+        f"lo shaped to {link['name']} (measured {link['measured_gbit_s']:.2f} Gbit/s)"
+        if link.get("shaped")
+        else "loopback (memory is the link)"
+    )
+    lines = [
+        f"bench-allreduce: {report['ranks']} ranks, {report['controller']}, {report['device']}, {where}, "
+        f"median of {report['repeats']}",
+        f"{'payload':<10} {'compression':<11} {'wire MB':>8} {'% of none':>9} {'time ms':>9} "
+        f"{'algbw GB/s':>10} {'busbw GB/s':>10} {'vs none':>8}",
+    ]
     for r in report["results"]:
         payload = "resnet50" if r["payload"] == PAYLOAD_MODEL else f"{r['elements'] / 1e6:g}M"
         if "error" in r:
             lines.append(f"{payload:<10} {r['compression']:<11} {'':>8} {'':>9} {'-':>9}   {r['error']}")
             continue
-        lines.append(f"{payload:<10} {r['compression']:<11} {r['wire_bytes'] / 1e6:>8.2f} "
-                     f"{100 * r.get('wire_fraction_of_none', 1):>8.2f}% {1000 * r['seconds']:>9.1f} "
-                     f"{r['algbw_gb_s']:>10.3f} {r['busbw_gb_s']:>10.3f} {r.get('speedup_vs_none', 1):>7.2f}x")
+        lines.append(
+            f"{payload:<10} {r['compression']:<11} {r['wire_bytes'] / 1e6:>8.2f} "
+            f"{100 * r.get('wire_fraction_of_none', 1):>8.2f}% {1000 * r['seconds']:>9.1f} "
+            f"{r['algbw_gb_s']:>10.3f} {r['busbw_gb_s']:>10.3f} {r.get('speedup_vs_none', 1):>7.2f}x"
+        )
     return "\n".join(lines)
 
 
-COMMAND = Command(AllreduceBenchOptions, run, description=(
-    "Times the allreduce of ResNet-50's gradients and of flat float32 tensors for each compressor. "
-    + launch.AS_COMMAND_OR_RANK))
+COMMAND = Command(
+    AllreduceBenchOptions,
+    run,
+    description=(
+        "Times the allreduce of ResNet-50's gradients and of flat float32 tensors for each compressor. "
+        + launch.AS_COMMAND_OR_RANK
+    ),
+)

@@ -4,11 +4,12 @@ part at every epoch, the DALI pipelines rebuilt, the checkpoint written while th
 the background).
 
 One rank in this process, Horovod started in it: the calls are train's own (the loaders' set_epoch and first
-batch, train.evaluate, comm.average_bn_statistics, comm.gather_digests of model.weights_digest, the stop
+batch, step.evaluate, comm.average_bn_statistics, comm.gather_digests of model.weights_digest, the stop
 agreement, checkpoint.save and checkpoint.AsyncWriter), the collectives real at size 1. Each repeat measures
 every part both ways; the table shows medians. At 256 GPUs the collectives cost their latency: scaling-model
 adds it, and projects the whole boundary onto 32 x 8 H100s.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,13 @@ import torch
 from .. import checkpoint, comm
 from ..config import TrainConfig
 from ..cpus import available_cpus
-from ..data import build_loaders, check_data
+from ..data.loaders import build_loaders, check_data
 from ..errors import UserError
 from ..flags import Command, check, opt
 from ..gpu import device_name
 from ..model import build_model, weights_digest
 from ..precision import autocast
-from ..train import evaluate
+from ..step import evaluate
 
 PARTS = ("train_start", "evaluation", "bn_average", "digests", "stop_agreement", "checkpoint")
 
@@ -72,19 +73,32 @@ def measure_boundary(loaders, model, optimizer, writer, directory: Path, epoch: 
     """Every part once each way, in train's order: {part: (before, after)} in seconds. After: the next
     epoch is started first (train's finish_epoch), so its first batch decodes meanwhile; its wait is
     measured in an epoch without evaluation, where the least time passes before it."""
+
     def evaluation():
         evaluate(model, loaders.val, device, autocast("fp32", device), lambda: None)
         model.train()
 
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": 0,
-             "step_in_epoch": 0, "images_done": 0, "partial": None, "config": {}}
-    shared = {"bn_average": timed(lambda: comm.average_bn_statistics(model)),
-              "digests": timed(lambda: comm.gather_digests(weights_digest(model))),
-              "stop_agreement": timed(lambda: comm.allreduce_max(0, name="stop_request"))}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": 0,
+        "step_in_epoch": 0,
+        "images_done": 0,
+        "partial": None,
+        "config": {},
+    }
+    shared = {
+        "bn_average": timed(lambda: comm.average_bn_statistics(model)),
+        "digests": timed(lambda: comm.gather_digests(weights_digest(model))),
+        "stop_agreement": timed(lambda: comm.allreduce_max(0, name="stop_request")),
+    }
     loaders.train.pipeline = loaders.val.pipeline = None  # before: a pipeline built for each pass
-    before = {"evaluation": timed(evaluation),
-              "checkpoint": timed(lambda: checkpoint.save(directory / "synchronous", state, keep=1)),
-              "train_start": first_batch(loaders, 2 * epoch)}
+    before = {
+        "evaluation": timed(evaluation),
+        "checkpoint": timed(lambda: checkpoint.save(directory / "synchronous", state, keep=1)),
+        "train_start": first_batch(loaders, 2 * epoch),
+    }
     loaders.set_epoch(2 * epoch + 1)  # after: the next epoch started before the evaluation
     after = {"evaluation": timed(evaluation), "checkpoint": timed(lambda: writer.submit(state))}
     writer.wait()
@@ -100,9 +114,16 @@ def bench_epoch(options: EpochBenchOptions) -> dict:
         raise UserError("--data: give a folder tree or packed shards (hvd-imagenet make-dataset makes a small one)")
     check_data(Path(options.data))
     ctx = comm.init()
-    config = TrainConfig(data=options.data, output="(bench-epoch writes nothing)", loader="dali", arch=options.arch,
-                         batch_size=options.batch_size, image_size=options.image_size,
-                         val_resize=options.val_resize, dali_threads=options.threads)
+    config = TrainConfig(
+        data=options.data,
+        output="(bench-epoch writes nothing)",
+        loader="dali",
+        arch=options.arch,
+        batch_size=options.batch_size,
+        image_size=options.image_size,
+        val_resize=options.val_resize,
+        dali_threads=options.threads,
+    )
     loaders = build_loaders(config, ctx)
     model = build_model(options.arch, loaders.num_classes, True).to(ctx.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -128,34 +149,53 @@ def report(options, ctx, runs: list[dict], checkpoint_mb: float, description: st
     every = {"evaluation": options.eval_every, "checkpoint": options.checkpoint_every}
     before = sum(b for b, _ in medians.values())
     after = sum(a / every.get(part, 1) for part, (_, a) in medians.items())
-    return {"benchmark": "bench-epoch", "device": device_name(ctx.device), "data": options.data,
-            "arch": options.arch, "batch_size": options.batch_size, "image_size": options.image_size,
-            "input": description, "checkpoint_mb": checkpoint_mb, "eval_every": options.eval_every,
-            "checkpoint_every": options.checkpoint_every, "repeats": options.repeats,
-            "seconds": {part: {"before": b, "after": a} for part, (b, a) in medians.items()},
-            "boundary_seconds": {"before": before, "after": after},
-            "pipeline_builds_over_3_epochs": {"before": [3, 3], "after": list(builds)},
-            "runs": runs}
+    return {
+        "benchmark": "bench-epoch",
+        "device": device_name(ctx.device),
+        "data": options.data,
+        "arch": options.arch,
+        "batch_size": options.batch_size,
+        "image_size": options.image_size,
+        "input": description,
+        "checkpoint_mb": checkpoint_mb,
+        "eval_every": options.eval_every,
+        "checkpoint_every": options.checkpoint_every,
+        "repeats": options.repeats,
+        "seconds": {part: {"before": b, "after": a} for part, (b, a) in medians.items()},
+        "boundary_seconds": {"before": before, "after": after},
+        "pipeline_builds_over_3_epochs": {"before": [3, 3], "after": list(builds)},
+        "runs": runs,
+    }
 
 
 def format_report(r: dict) -> str:
     s = r["seconds"]
-    notes = {"train_start": ("pipeline built at the epoch", "pipeline reset, started during the boundary"),
-             "evaluation": ("every epoch, pipeline built", f"every {r['eval_every']} epochs, pipeline reset"),
-             "checkpoint": ("file written, steps wait",
-                            f"host copy, every {r['checkpoint_every']}; file written in the background")}
-    lines = [f"bench-epoch: {r['device']}, {r['arch']} ({r['checkpoint_mb']:.0f} MB checkpoint), batch "
-             f"{r['batch_size']}, {r['image_size']} px, {r['input']}; median of {r['repeats']}",
-             f"{'part':<16} {'before ms':>10} {'after ms':>10} {'after/epoch':>12}  how"]
+    notes = {
+        "train_start": ("pipeline built at the epoch", "pipeline reset, started during the boundary"),
+        "evaluation": ("every epoch, pipeline built", f"every {r['eval_every']} epochs, pipeline reset"),
+        "checkpoint": (
+            "file written, steps wait",
+            f"host copy, every {r['checkpoint_every']}; file written in the background",
+        ),
+    }
+    lines = [
+        f"bench-epoch: {r['device']}, {r['arch']} ({r['checkpoint_mb']:.0f} MB checkpoint), batch "
+        f"{r['batch_size']}, {r['image_size']} px, {r['input']}; median of {r['repeats']}",
+        f"{'part':<16} {'before ms':>10} {'after ms':>10} {'after/epoch':>12}  how",
+    ]
     for part, value in s.items():
         every = {"evaluation": r["eval_every"], "checkpoint": r["checkpoint_every"]}.get(part, 1)
         before, after = notes.get(part, ("every epoch", "every epoch"))
-        lines.append(f"{part:<16} {1000 * value['before']:>10.1f} {1000 * value['after']:>10.1f} "
-                     f"{1000 * value['after'] / every:>12.1f}  {before} -> {after}")
+        lines.append(
+            f"{part:<16} {1000 * value['before']:>10.1f} {1000 * value['after']:>10.1f} "
+            f"{1000 * value['after'] / every:>12.1f}  {before} -> {after}"
+        )
     total = r["boundary_seconds"]
     builds = r["pipeline_builds_over_3_epochs"]
-    lines.append(f"{'boundary':<16} {1000 * total['before']:>10.1f} {'':>10} {1000 * total['after']:>12.1f}  "
-                 f"per epoch: {total['before'] / total['after']:.1f}x less")
+    lines.append(
+        f"{'boundary':<16} {1000 * total['before']:>10.1f} {'':>10} {1000 * total['after']:>12.1f}  "
+        f"per epoch: {total['before'] / total['after']:.1f}x less"
+    )
     lines.append(f"DALI pipelines built over 3 epochs (train, val): before {builds['before']}, after {builds['after']}")
     return "\n".join(lines)
 
@@ -166,6 +206,11 @@ def run(options: EpochBenchOptions) -> None:
     comm.shutdown()
 
 
-COMMAND = Command(EpochBenchOptions, run, description=(
-    "What an epoch boundary costs beyond its steps (loader start, evaluation, reductions, checkpoint), before and "
-    "after issue 28, on one rank; scaling-model projects it onto 32 x 8 H100s."))
+COMMAND = Command(
+    EpochBenchOptions,
+    run,
+    description=(
+        "What an epoch boundary costs beyond its steps (loader start, evaluation, reductions, checkpoint), before and "
+        "after issue 28, on one rank; scaling-model projects it onto 32 x 8 H100s."
+    ),
+)

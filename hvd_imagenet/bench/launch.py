@@ -8,6 +8,7 @@ ranks' TCP traffic at the rate of a real link. Both directions of the ring share
 full-duplex NIC gives each direction the rate), so allreduce times there are up to 2x a real link's: the
 ratios between compressors hold, the absolute times are pessimistic.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ from ..errors import UserError
 from ..flags import opt
 
 LINKS = {"loopback": None, "10gbit": 10e9, "1gbit": 1e9}  # --link: bits per second of the shaped lo
-AS_COMMAND_OR_RANK = ("Run it as a command (it starts `horovodrun -np N` on this machine, inside a network namespace "
-                      "with a shaped lo for --link), or as every rank under a launcher (horovodrun, mpirun, srun).")
+AS_COMMAND_OR_RANK = (
+    "Run it as a command (it starts `horovodrun -np N` on this machine, inside a network namespace "
+    "with a shaped lo for --link), or as every rank under a launcher (horovodrun, mpirun, srun)."
+)
 LAUNCHER_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 
 
@@ -38,10 +41,14 @@ LAUNCHER_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "
 class LaunchOptions:
     """The flags of a bench command that starts its own ranks, and its output."""
 
-    controller: str = opt("(as a command) Horovod's controller for the ranks it starts", "gloo",
-                          choices=("gloo", "mpi"))
-    link: str = opt("(as a command, root) run the ranks in a namespace whose lo is shaped to this rate", "loopback",
-                    choices=tuple(LINKS))
+    controller: str = opt(
+        "(as a command) Horovod's controller for the ranks it starts", "gloo", choices=("gloo", "mpi")
+    )
+    link: str = opt(
+        "(as a command, root) run the ranks in a namespace whose lo is shaped to this rate",
+        "loopback",
+        choices=tuple(LINKS),
+    )
     json: bool = opt("the report as JSON", False)
     result_file: str = opt(argparse.SUPPRESS, "")  # where rank 0 leaves its result for the driver that started it
 
@@ -80,8 +87,12 @@ def launcher_rank_and_size() -> tuple[int, int, int, int]:
         if f"{prefix}RANK" in os.environ:
             return tuple(int(os.environ[f"{prefix}{key}"]) for key in ("RANK", "SIZE", "LOCAL_RANK", "LOCAL_SIZE"))
     if "SLURM_PROCID" in os.environ:
-        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"]),
-                int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+        return (
+            int(os.environ["SLURM_PROCID"]),
+            int(os.environ["SLURM_NTASKS"]),
+            int(os.environ["SLURM_LOCALID"]),
+            int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+        )
     return 0, 1, 0, 1
 
 
@@ -113,8 +124,25 @@ def shaped_namespace(link: str):
         run("ip", "-n", name, "link", "set", "lo", "up")
         # A token bucket: `rate` on average; the bucket holds 1 ms of traffic (at least 2 of lo's 64 KiB packets).
         burst = max(int(rate / 8 / 1000), 2 * 65536)
-        run("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{int(rate)}bit",
-            "burst", str(burst), "latency", "100ms")
+        run(
+            "ip",
+            "netns",
+            "exec",
+            name,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "lo",
+            "root",
+            "tbf",
+            "rate",
+            f"{int(rate)}bit",
+            "burst",
+            str(burst),
+            "latency",
+            "100ms",
+        )
         yield ["ip", "netns", "exec", name]
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
@@ -124,8 +152,9 @@ def measure_link(prefix: list[str], megabytes: int = 64, streams: int = 3) -> fl
     """Bits per second of a TCP stream over lo in the namespace (a check that the shaping took): the best of
     `streams` in a row, since a stall of this busy machine only ever lowers a stream's rate (one stream alone
     once read 0.78 of a 1 Gbit/s link here, with the tests running)."""
-    code = (f"from hvd_imagenet.bench.launch import _tcp_rate; "
-            f"print(max(_tcp_rate({megabytes}) for _ in range({streams})))")
+    code = (
+        f"from hvd_imagenet.bench.launch import _tcp_rate; print(max(_tcp_rate({megabytes}) for _ in range({streams})))"
+    )
     out = subprocess.run([*prefix, sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return float(out.strip())
 
@@ -161,22 +190,44 @@ def launch_command(np: int, controller: str, module_args: list[str], shaped: boo
     python = [sys.executable, "-m", "hvd_imagenet.cli", *module_args]
     if controller == "mpi" and shaped:
         exported = [arg for name in ("PATH", *env) for arg in ("-x", name)]
-        return ["mpirun", "--allow-run-as-root", "-np", str(np), "--bind-to", "none", "--mca", "pml", "ob1",
-                "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include",
-                "lo", *exported, *python]
+        return [
+            "mpirun",
+            "--allow-run-as-root",
+            "-np",
+            str(np),
+            "--bind-to",
+            "none",
+            "--mca",
+            "pml",
+            "ob1",
+            "--mca",
+            "btl",
+            "self,tcp",
+            "--mca",
+            "btl_tcp_if_include",
+            "lo",
+            "--mca",
+            "oob_tcp_if_include",
+            "lo",
+            *exported,
+            *python,
+        ]
     horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).parent / "horovodrun")
     return [horovodrun, "-np", str(np), "-H", f"localhost:{np}", f"--{controller}", *python]
 
 
-def run_ranks(prefix: list[str], np: int, controller: str, module_args: list[str], env: dict | None = None,
-              timeout: float = 3600) -> dict:
+def run_ranks(
+    prefix: list[str], np: int, controller: str, module_args: list[str], env: dict | None = None, timeout: float = 3600
+) -> dict:
     """Run `hvd-imagenet ARGS --result-file F` on np local ranks (in the namespace of `prefix`); rank 0's JSON
     result from F."""
     env = env or {}
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
-        command = [*prefix, *launch_command(np, controller, [*module_args, "--result-file", str(result_file)],
-                                            bool(prefix), env)]
+        command = [
+            *prefix,
+            *launch_command(np, controller, [*module_args, "--result-file", str(result_file)], bool(prefix), env),
+        ]
         environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **env}
         done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
         if done.returncode != 0 or not result_file.exists():

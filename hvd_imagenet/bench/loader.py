@@ -9,6 +9,7 @@ processes), the peak resident memory of the process tree, and the files opened p
 by any process (inotify: what a shared file system's metadata server would serve). The ratio divides every
 row's img/s by the last one's.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,8 +18,8 @@ import json
 import os
 import resource
 import select
-import struct
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -30,7 +31,8 @@ import torch
 from ..config import TrainConfig
 from ..context import DistContext
 from ..cpus import available_cpus
-from ..data import DALI_DEVICES, FILE_LOADERS, build_loaders, check_data
+from ..data import DALI_DEVICES, FILE_LOADERS
+from ..data.loaders import build_loaders, check_data
 from ..data.packed import is_packed
 from ..flags import Command, check, opt
 from ..gpu import device_name, rank_device
@@ -202,22 +204,30 @@ def measure(config: TrainConfig, ctx: DistContext, epochs: int) -> Measurement:
         del loaders
         gc.collect()  # workers and pipelines go before the next loader starts
     opens.close()
-    return Measurement(config.loader, config.data, description, images, seconds, cpu, memory.peak / 2**20, epochs,
-                       opened, builds)
+    return Measurement(
+        config.loader, config.data, description, images, seconds, cpu, memory.peak / 2**20, epochs, opened, builds
+    )
 
 
 @dataclass(frozen=True)
 class LoaderBenchOptions:
-    data: tuple[str, ...] = opt("data sets to compare, each a folder tree or packed shards (hvd-imagenet pack); "
-                                "the train split is read")
-    loader: tuple[str, ...] = opt("loaders to compare; the last (on the last --data) is the baseline of the ratio",
-                                  FILE_LOADERS, choices=FILE_LOADERS)
+    data: tuple[str, ...] = opt(
+        "data sets to compare, each a folder tree or packed shards (hvd-imagenet pack); the train split is read"
+    )
+    loader: tuple[str, ...] = opt(
+        "loaders to compare; the last (on the last --data) is the baseline of the ratio",
+        FILE_LOADERS,
+        choices=FILE_LOADERS,
+    )
     batch_size: int = opt("images per batch", 32, min=1)
     image_size: int = opt("training crop, px", 224, min=1)
     epochs: int = opt("timed epochs per repeat, after one untimed", 2, min=1)
     repeats: int = opt("the table shows the median over repeats", 3, min=1)
-    threads: int = opt("DALI threads and DataLoader workers alike (default: the CPUs this process may use)",
-                       default_factory=available_cpus, min=1)
+    threads: int = opt(
+        "DALI threads and DataLoader workers alike (default: the CPUs this process may use)",
+        default_factory=available_cpus,
+        min=1,
+    )
     dali_device: str = opt("DALI decode: gpu (nvJPEG, mixed), cpu, or auto", "auto", choices=DALI_DEVICES)
     dali_prefetch: int = opt("DALI batches decoded ahead of the one in use", 2, min=1)
     json: bool = opt("the report as JSON", False)
@@ -235,20 +245,33 @@ def bench_loaders(options: LoaderBenchOptions) -> dict:
     runs: dict[tuple[str, str], list[Measurement]] = {case: [] for case in cases}
     for _ in range(options.repeats):  # interleaved, so a slow moment of the machine hits every case alike
         for loader, data in cases:
-            config = TrainConfig(data=data, output="(bench-loader writes nothing)", loader=loader,
-                                 batch_size=options.batch_size, image_size=options.image_size,
-                                 val_resize=options.image_size, workers=options.threads,
-                                 dali_threads=options.threads, dali_device=options.dali_device,
-                                 dali_prefetch=options.dali_prefetch)
+            config = TrainConfig(
+                data=data,
+                output="(bench-loader writes nothing)",
+                loader=loader,
+                batch_size=options.batch_size,
+                image_size=options.image_size,
+                val_resize=options.image_size,
+                workers=options.threads,
+                dali_threads=options.threads,
+                dali_device=options.dali_device,
+                dali_prefetch=options.dali_prefetch,
+            )
             runs[loader, data].append(measure(config, ctx, options.epochs))
     results = [summarize(measurements) for measurements in runs.values()]
     baseline = results[-1]["images_per_sec"]
     for result in results:
         result["ratio"] = result["images_per_sec"] / baseline
     return {
-        "benchmark": "bench-loader", "data": list(options.data), "device": device_name(device),
-        "batch_size": options.batch_size, "image_size": options.image_size, "threads": options.threads,
-        "epochs": options.epochs, "repeats": options.repeats, "results": results,
+        "benchmark": "bench-loader",
+        "data": list(options.data),
+        "device": device_name(device),
+        "batch_size": options.batch_size,
+        "image_size": options.image_size,
+        "threads": options.threads,
+        "epochs": options.epochs,
+        "repeats": options.repeats,
+        "results": results,
     }
 
 
@@ -278,14 +301,18 @@ def run(options: LoaderBenchOptions) -> None:
 def format_report(report: dict) -> str:
     last = report["results"][-1]
     baseline = f"{last['loader']} {last['data_kind']}"
-    rows = [f"bench-loader: {report['device']}, batch {report['batch_size']}, {report['image_size']} px, "
-            f"{report['threads']} threads/workers, median of {report['repeats']} x {report['epochs']} epochs",
-            f"{'loader':<12} {'data':<7} {'img/s':>9} {'CPU-s/img':>10} {'peak MiB':>9} {'opens/epoch':>12} "
-            f"{'vs ' + baseline:>22}  what"]
+    rows = [
+        f"bench-loader: {report['device']}, batch {report['batch_size']}, {report['image_size']} px, "
+        f"{report['threads']} threads/workers, median of {report['repeats']} x {report['epochs']} epochs",
+        f"{'loader':<12} {'data':<7} {'img/s':>9} {'CPU-s/img':>10} {'peak MiB':>9} {'opens/epoch':>12} "
+        f"{'vs ' + baseline:>22}  what",
+    ]
     for r in report["results"]:
-        rows.append(f"{r['loader']:<12} {r['data_kind']:<7} {r['images_per_sec']:>9.1f} "
-                    f"{r['cpu_seconds_per_image']:>10.4f} {r['peak_rss_mib']:>9.0f} {r['opens_per_epoch']:>12.0f} "
-                    f"{r['ratio']:>21.2f}x  {r['description']} ({r['data']})")
+        rows.append(
+            f"{r['loader']:<12} {r['data_kind']:<7} {r['images_per_sec']:>9.1f} "
+            f"{r['cpu_seconds_per_image']:>10.4f} {r['peak_rss_mib']:>9.0f} {r['opens_per_epoch']:>12.0f} "
+            f"{r['ratio']:>21.2f}x  {r['description']} ({r['data']})"
+        )
     return "\n".join(rows)
 
 

@@ -29,41 +29,46 @@ Assumptions (each a flag):
 Anchors: Goyal et al. (2017) report ~90 % scaling efficiency from 8 to 256 P100 GPUs (kn = 8k in 1 hour);
 Horovod's README reports 90 % scaling efficiency at 512 GPUs for ResNet-101 and Inception V3.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..compression import COMPRESSIONS
-import math
-
 from ..data.synthetic import IMAGENET_TRAIN_IMAGES
 from ..errors import UserError
 from ..flags import Command, check, opt
+
 
 @dataclass(frozen=True)
 class Cluster:
     step_time_ms: float = opt(
         "one GPU's step time at n (forward, backward, optimizer; no communication). Default: n=32 at 3,000 "
-        "img/s, a goal for one H100 with AMP, not a measurement; give yours, or --from-bench", 32 / 3000 * 1000,
-        above=0)
+        "img/s, a goal for one H100 with AMP, not a measurement; give yours, or --from-bench",
+        32 / 3000 * 1000,
+        above=0,
+    )
     batch_size: int = opt("n, images per GPU per step (the paper's 32)", 32, above=0)
     arch: str = opt("model whose gradients are allreduced", "resnet50")
     gpus_per_node: int = opt("GPUs per node", 8, above=0)
-    nvlink_gb_s: float = opt("one GPU's NVLink bandwidth per direction, GB/s (H100 SXM: 900 GB/s both ways)", 450.0,
-                             above=0)
+    nvlink_gb_s: float = opt(
+        "one GPU's NVLink bandwidth per direction, GB/s (H100 SXM: 900 GB/s both ways)", 450.0, above=0
+    )
     nvlink_latency_us: float = opt("alpha within a node, per ring step", 3.0, min=0)
     nic_gbit_s: float = opt("one NIC, Gbit/s (InfiniBand NDR200)", 200.0, above=0)
     nics_per_node: int = opt("NICs per node (one per GPU)", 8, above=0)
     nic_latency_us: float = opt("alpha between nodes, per ring step", 6.0, min=0)
     hbm_gb_s: float = opt("GPU memory bandwidth, GB/s (H100 SXM: 3.35 TB/s)", 3350.0, above=0)
     kernel_us: float = opt("one small GPU kernel's cost (PowerSGD's per-matrix ops)", 5.0, min=0)
-    overlap: float = opt("fraction of backprop's time that can hide allreduce (Horovod's hooks; 0: none hidden)",
-                         0.8, min=0, max=1)
+    overlap: float = opt(
+        "fraction of backprop's time that can hide allreduce (Horovod's hooks; 0: none hidden)", 0.8, min=0, max=1
+    )
     powersgd_rank: int = opt("PowerSGD's rank r", 2, above=0)
     epochs: int = opt("epochs for the time-to-train column", 90, above=0)
 
@@ -76,18 +81,21 @@ IMAGENET_VAL_IMAGES = 50_000
 
 @dataclass(frozen=True)
 class EpochBoundary:
-    images_per_gpu: float = opt("training img/s per GPU, for the epoch's length (MLPerf v4.0 ResNet-50 on H100: "
-                                "~7,200)", 7200.0, above=0)
+    images_per_gpu: float = opt(
+        "training img/s per GPU, for the epoch's length (MLPerf v4.0 ResNet-50 on H100: ~7,200)", 7200.0, above=0
+    )
     eval_speedup: float = opt("evaluation img/s per GPU over training's (forward only)", 3.0, above=0)
     eval_every: int = opt("evaluate every N epochs (MLPerf: 4)", 4, min=1)
     checkpoint_every: int = opt("a checkpoint every N epochs", 1, min=1)
     checkpoint_mb: float = opt("checkpoint size, MB (ResNet-50 with SGD momentum: ~205)", 205.0, min=0)
     host_copy_gb_s: float = opt("device-to-pinned-host copy, GB/s (PCIe Gen5 x16: ~50 peak)", 20.0, above=0)
-    checkpoint_write_mb_s: float = opt("before: the synchronous write, MB/s (a busy shared file system: ~10)", 1000.0,
-                                       above=0)
+    checkpoint_write_mb_s: float = opt(
+        "before: the synchronous write, MB/s (a busy shared file system: ~10)", 1000.0, above=0
+    )
     collectives: int = opt("small collectives per boundary (BN average, digests, val sums, stop agreement)", 4, min=0)
-    train_start_ms: float = opt("wait for the epoch's first batch (bench-epoch: it decodes during the boundary)",
-                                0.0, min=0)
+    train_start_ms: float = opt(
+        "wait for the epoch's first batch (bench-epoch: it decodes during the boundary)", 0.0, min=0
+    )
 
     def __post_init__(self):
         check(self)
@@ -100,16 +108,26 @@ def boundary(c: Cluster, b: EpochBoundary, nodes: int, before: bool) -> dict:
     steps = IMAGENET_TRAIN_IMAGES / (gpus * b.images_per_gpu)
     eval_every, checkpoint_every = (1, 1) if before else (b.eval_every, b.checkpoint_every)
     latency = 2 * math.log2(gpus) * (c.nic_latency_us if nodes > 1 else c.nvlink_latency_us) * 1e-6 if gpus > 1 else 0
-    checkpoint = (b.checkpoint_mb / b.checkpoint_write_mb_s if before
-                  else b.checkpoint_mb / 1000 / b.host_copy_gb_s)
-    parts = {"evaluation": IMAGENET_VAL_IMAGES / gpus / (b.images_per_gpu * b.eval_speedup) / eval_every,
-             "checkpoint": checkpoint / checkpoint_every, "collectives": b.collectives * latency,
-             "train_start": b.train_start_ms / 1000}
+    checkpoint = b.checkpoint_mb / b.checkpoint_write_mb_s if before else b.checkpoint_mb / 1000 / b.host_copy_gb_s
+    parts = {
+        "evaluation": IMAGENET_VAL_IMAGES / gpus / (b.images_per_gpu * b.eval_speedup) / eval_every,
+        "checkpoint": checkpoint / checkpoint_every,
+        "collectives": b.collectives * latency,
+        "train_start": b.train_start_ms / 1000,
+    }
     total = sum(parts.values())
-    return {"setting": "before" if before else "after", "nodes": nodes, "gpus": gpus, "epoch_steps_s": steps,
-            "eval_every": eval_every, "checkpoint_every": checkpoint_every,
-            "parts_ms": {name: 1000 * value for name, value in parts.items()}, "boundary_ms": 1000 * total,
-            "share": total / (steps + total), "efficiency": steps / (steps + total)}
+    return {
+        "setting": "before" if before else "after",
+        "nodes": nodes,
+        "gpus": gpus,
+        "epoch_steps_s": steps,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+        "parts_ms": {name: 1000 * value for name, value in parts.items()},
+        "boundary_ms": 1000 * total,
+        "share": total / (steps + total),
+        "efficiency": steps / (steps + total),
+    }
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,7 @@ class Gradients:
     powersgd_elements: int  # what PowerSGD sends: factors + uncompressed tensors
 
     @classmethod
-    def of(cls, arch: str, rank: int) -> "Gradients":
+    def of(cls, arch: str, rank: int) -> Gradients:
         import torch
 
         from ..comm import PowerSGD, PowerSGDSettings
@@ -171,51 +189,85 @@ def predict(c: Cluster, grads: Gradients, nodes: int, compression: str, hierarch
         exposed = overhead = 0.0
     step = compute + overhead + exposed
     images_per_sec = gpus * c.batch_size / step
-    return {"nodes": nodes, "gpus": gpus, "global_batch": gpus * c.batch_size, "compression": compression,
-            "allreduce": "hierarchical" if hierarchical else "ring", "allreduce_ms": 1000 * comm,
-            "exposed_ms": 1000 * exposed, "overhead_ms": 1000 * overhead, "step_ms": 1000 * step,
-            "images_per_sec": images_per_sec, "efficiency": compute / step,
-            "minutes_for_epochs": c.epochs * IMAGENET_TRAIN_IMAGES / images_per_sec / 60}
+    return {
+        "nodes": nodes,
+        "gpus": gpus,
+        "global_batch": gpus * c.batch_size,
+        "compression": compression,
+        "allreduce": "hierarchical" if hierarchical else "ring",
+        "allreduce_ms": 1000 * comm,
+        "exposed_ms": 1000 * exposed,
+        "overhead_ms": 1000 * overhead,
+        "step_ms": 1000 * step,
+        "images_per_sec": images_per_sec,
+        "efficiency": compute / step,
+        "minutes_for_epochs": c.epochs * IMAGENET_TRAIN_IMAGES / images_per_sec / 60,
+    }
 
 
-def scaling_table(c: Cluster, node_counts: list[int], compressions: list[str],
-                  epoch: EpochBoundary = EpochBoundary()) -> dict:
+def scaling_table(
+    c: Cluster, node_counts: list[int], compressions: list[str], epoch: EpochBoundary = EpochBoundary()
+) -> dict:
     grads = Gradients.of(c.arch, c.powersgd_rank)
-    rows = [predict(c, grads, nodes, compression, hierarchical)
-            for compression in compressions for hierarchical in (False, True) for nodes in node_counts]
-    return {"benchmark": "scaling-model", "cluster": c.__dict__, "gradient_elements": grads.elements,
-            "powersgd_matrices": grads.matrices, "powersgd_elements": grads.powersgd_elements, "rows": rows,
-            "epoch_boundary": {"assumptions": epoch.__dict__,
-                               "rows": [boundary(c, epoch, max(node_counts), before) for before in (True, False)]}}
+    rows = [
+        predict(c, grads, nodes, compression, hierarchical)
+        for compression in compressions
+        for hierarchical in (False, True)
+        for nodes in node_counts
+    ]
+    return {
+        "benchmark": "scaling-model",
+        "cluster": c.__dict__,
+        "gradient_elements": grads.elements,
+        "powersgd_matrices": grads.matrices,
+        "powersgd_elements": grads.powersgd_elements,
+        "rows": rows,
+        "epoch_boundary": {
+            "assumptions": epoch.__dict__,
+            "rows": [boundary(c, epoch, max(node_counts), before) for before in (True, False)],
+        },
+    }
 
 
 def format_report(report: dict) -> str:
     c = report["cluster"]
-    lines = [f"scaling-model: {c['arch']} ({report['gradient_elements'] / 1e6:.1f}M gradient floats), "
-             f"n={c['batch_size']}, 1-GPU step {c['step_time_ms']:.2f} ms; {c['gpus_per_node']} GPUs/node, NVLink "
-             f"{c['nvlink_gb_s']:g} GB/s, {c['nics_per_node']} x {c['nic_gbit_s']:g} Gb/s NICs/node; "
-             f"overlap {c['overlap']:g}",
-             f"{'compress':<9} {'allreduce':<12} {'nodes':>5} {'GPUs':>5} {'kn':>6} {'comm ms':>8} {'exposed':>8} "
-             f"{'step ms':>8} {'img/s':>9} {'effic.':>7} {str(c['epochs']) + '-ep min':>8}"]
+    lines = [
+        f"scaling-model: {c['arch']} ({report['gradient_elements'] / 1e6:.1f}M gradient floats), "
+        f"n={c['batch_size']}, 1-GPU step {c['step_time_ms']:.2f} ms; {c['gpus_per_node']} GPUs/node, NVLink "
+        f"{c['nvlink_gb_s']:g} GB/s, {c['nics_per_node']} x {c['nic_gbit_s']:g} Gb/s NICs/node; "
+        f"overlap {c['overlap']:g}",
+        f"{'compress':<9} {'allreduce':<12} {'nodes':>5} {'GPUs':>5} {'kn':>6} {'comm ms':>8} {'exposed':>8} "
+        f"{'step ms':>8} {'img/s':>9} {'effic.':>7} {str(c['epochs']) + '-ep min':>8}",
+    ]
     for r in report["rows"]:
-        lines.append(f"{r['compression']:<9} {r['allreduce']:<12} {r['nodes']:>5} {r['gpus']:>5} "
-                     f"{r['global_batch']:>6} {r['allreduce_ms']:>8.2f} {r['exposed_ms']:>8.2f} {r['step_ms']:>8.2f} "
-                     f"{r['images_per_sec']:>9.0f} {100 * r['efficiency']:>6.1f}% {r['minutes_for_epochs']:>8.1f}")
+        lines.append(
+            f"{r['compression']:<9} {r['allreduce']:<12} {r['nodes']:>5} {r['gpus']:>5} "
+            f"{r['global_batch']:>6} {r['allreduce_ms']:>8.2f} {r['exposed_ms']:>8.2f} {r['step_ms']:>8.2f} "
+            f"{r['images_per_sec']:>9.0f} {100 * r['efficiency']:>6.1f}% {r['minutes_for_epochs']:>8.1f}"
+        )
     lines.append("effic.: 1-GPU step time / step time (per-GPU throughput against one GPU without communication)")
     rows = report["epoch_boundary"]["rows"]
     a = report["epoch_boundary"]["assumptions"]
-    lines.append(f"epoch boundary at {rows[0]['nodes']} x {c['gpus_per_node']} GPUs, {a['images_per_gpu']:g} img/s per "
-                 f"GPU: {1000 * rows[0]['epoch_steps_s']:.0f} ms of steps per epoch")
-    lines.append(f"{'setting':<52} {'eval':>6} {'ckpt':>6} {'coll.':>6} {'start':>6} {'total ms':>9} "
-                 f"{'of epoch':>9} {'effic.':>7}")
+    lines.append(
+        f"epoch boundary at {rows[0]['nodes']} x {c['gpus_per_node']} GPUs, {a['images_per_gpu']:g} img/s per "
+        f"GPU: {1000 * rows[0]['epoch_steps_s']:.0f} ms of steps per epoch"
+    )
+    lines.append(
+        f"{'setting':<52} {'eval':>6} {'ckpt':>6} {'coll.':>6} {'start':>6} {'total ms':>9} "
+        f"{'of epoch':>9} {'effic.':>7}"
+    )
     for r in rows:
-        how = (f"{r['setting']}: eval every {r['eval_every']}, " +
-               ("checkpoint written, steps wait" if r["setting"] == "before"
-                else f"checkpoint every {r['checkpoint_every']} (host copy)"))
+        how = f"{r['setting']}: eval every {r['eval_every']}, " + (
+            "checkpoint written, steps wait"
+            if r["setting"] == "before"
+            else f"checkpoint every {r['checkpoint_every']} (host copy)"
+        )
         p = r["parts_ms"]
-        lines.append(f"{how:<52} {p['evaluation']:>6.1f} {p['checkpoint']:>6.1f} {p['collectives']:>6.2f} "
-                     f"{p['train_start']:>6.1f} {r['boundary_ms']:>9.1f} {100 * r['share']:>8.1f}% "
-                     f"{100 * r['efficiency']:>6.1f}%")
+        lines.append(
+            f"{how:<52} {p['evaluation']:>6.1f} {p['checkpoint']:>6.1f} {p['collectives']:>6.2f} "
+            f"{p['train_start']:>6.1f} {r['boundary_ms']:>9.1f} {100 * r['share']:>8.1f}% "
+            f"{100 * r['efficiency']:>6.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -231,8 +283,13 @@ def plot(report: dict, path: str) -> None:
         series.setdefault((r["compression"], r["allreduce"]), []).append((r["gpus"], 100 * r["efficiency"]))
     for (compression, algorithm), points in series.items():
         gpus, efficiency = zip(*points)
-        axes.plot(gpus, efficiency, marker="o", linestyle="-" if algorithm == "ring" else "--",
-                  label=f"{compression}, {algorithm}")
+        axes.plot(
+            gpus,
+            efficiency,
+            marker="o",
+            linestyle="-" if algorithm == "ring" else "--",
+            label=f"{compression}, {algorithm}",
+        )
     axes.set_xscale("log", base=2)
     axes.set_xlabel("GPUs")
     axes.set_ylabel("scaling efficiency, %")
@@ -249,8 +306,9 @@ class ScalingOptions:
     epoch: EpochBoundary = field(default_factory=EpochBoundary)
     from_bench: str = opt("take n and the 1-GPU step time from a bench-train --json result's 1-rank runs", "")
     nodes: tuple[int, ...] = opt("node counts", (1, 2, 4, 8, 16, 32), min=1)
-    compression: tuple[str, ...] = opt("compressors (compression.COMPRESSIONS)", ("none", "fp16", "powersgd"),
-                                       choices=tuple(COMPRESSIONS))
+    compression: tuple[str, ...] = opt(
+        "compressors (compression.COMPRESSIONS)", ("none", "fp16", "powersgd"), choices=tuple(COMPRESSIONS)
+    )
     plot: str = opt("efficiency vs GPUs as a PNG (needs matplotlib: pip install .[study])", "")
     json: bool = opt("the report as JSON", False)
 
@@ -264,13 +322,17 @@ def cluster_from_bench(cluster: Cluster, path: str) -> Cluster:
     cases: dict[tuple, list[dict]] = {}
     for run in json.loads(Path(path).read_text())["runs"]:
         if run["ranks"] == 1:
-            cases.setdefault(tuple(run.get(k) for k in ("backend", "compression", "precision", "layout")),
-                             []).append(run)
+            cases.setdefault(tuple(run.get(k) for k in ("backend", "compression", "precision", "layout")), []).append(
+                run
+            )
     if not cases:
         raise UserError(f"--from-bench {path}: no 1-rank run in it (bench-train --np 1)")
     runs = min(cases.values(), key=lambda group: statistics.median(r["step_seconds"] for r in group))
-    return dataclasses.replace(cluster, step_time_ms=1000 * statistics.median(r["step_seconds"] for r in runs),
-                               batch_size=runs[0]["batch_size"])
+    return dataclasses.replace(
+        cluster,
+        step_time_ms=1000 * statistics.median(r["step_seconds"] for r in runs),
+        batch_size=runs[0]["batch_size"],
+    )
 
 
 def run(options: ScalingOptions) -> None:
@@ -282,7 +344,12 @@ def run(options: ScalingOptions) -> None:
     print(json.dumps(report, indent=1) if options.json else format_report(report))
 
 
-COMMAND = Command(ScalingOptions, run, description=(
-    "An alpha-beta model of Horovod's allreduce (ring and hierarchical) for each compressor, from one GPU's step "
-    "time; its assumptions are in hvd_imagenet/bench/scaling.py and docs/communication.md. Defaults: H100 SXM "
-    "nodes, 8 GPUs on NVLink, 8 x 200 Gb/s InfiniBand."))
+COMMAND = Command(
+    ScalingOptions,
+    run,
+    description=(
+        "An alpha-beta model of Horovod's allreduce (ring and hierarchical) for each compressor, from one GPU's step "
+        "time; its assumptions are in hvd_imagenet/bench/scaling.py and docs/communication.md. Defaults: H100 SXM "
+        "nodes, 8 GPUs on NVLink, 8 x 200 Gb/s InfiniBand."
+    ),
+)

@@ -5,6 +5,7 @@ loaders decode those to RGB (they are reported, not excluded). A truncated or co
 mid-epoch; check-data lists them and writes a file list without them for `train --file-list`. It reads a
 folder tree or packed shards (`hvd-imagenet pack`) alike; a file list holds the images' paths in the tree.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from ..cpus import available_cpus
 from ..flags import Command, check, opt
-from . import Samples, check_data, read_samples
+from .loaders import Samples, check_data, read_samples
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
@@ -81,10 +82,18 @@ def scan(data: Path, workers: int = 0, progress: bool = True) -> list[ImageRepor
     check_data(data)
     samples = read_samples(data, "")
     items = [(split, index) for split in ("train", "val") for index in range(len(getattr(samples, split)))]
-    with ProcessPoolExecutor(max_workers=workers or available_cpus(), initializer=_load_samples,
-                             initargs=(samples,)) as pool:
-        reports = list(tqdm(pool.map(_inspect, items, chunksize=64), total=len(items), unit="file",
-                            desc="check-data", disable=None if progress else True))  # None: off when not a TTY
+    with ProcessPoolExecutor(
+        max_workers=workers or available_cpus(), initializer=_load_samples, initargs=(samples,)
+    ) as pool:
+        reports = list(
+            tqdm(
+                pool.map(_inspect, items, chunksize=64),
+                total=len(items),
+                unit="file",
+                desc="check-data",
+                disable=None if progress else True,
+            )
+        )  # None: off when not a TTY
     return reports
 
 
@@ -94,14 +103,18 @@ def summary(reports: list[ImageReport], limit: int | None = None, more: str = ""
     lines = []
     for split, per_class in per_class_counts(reports).items():
         counts = sorted(per_class.values())
-        lines.append(f"{split}: {sum(counts)} images in {len(counts)} classes "
-                     f"(per class: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]})")
+        lines.append(
+            f"{split}: {sum(counts)} images in {len(counts)} classes "
+            f"(per class: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]})"
+        )
         smallest = sorted(per_class.items(), key=lambda item: (item[1], item[0]))[:3]
         lines.append(f"  smallest classes: {', '.join(f'{name} {count}' for name, count in smallest)}")
     odd = [r for r in reports if r.problem is None and r.oddity]
     bad = [r for r in reports if r.problem]
-    for title, found, what in (("odd but readable (decoded to RGB by both loaders)", odd, "oddity"),
-                               ("unreadable", bad, "problem")):
+    for title, found, what in (
+        ("odd but readable (decoded to RGB by both loaders)", odd, "oddity"),
+        ("unreadable", bad, "problem"),
+    ):
         lines.append(f"{title}: {len(found)}")
         lines += [f"  {r.path}: {getattr(r, what)}" for r in found[:limit]]
         if limit is not None and len(found) > limit:
@@ -111,9 +124,13 @@ def summary(reports: list[ImageReport], limit: int | None = None, more: str = ""
 
 def json_report(data: Path, reports: list[ImageReport]) -> dict:
     """What `check-data --json` prints."""
-    return {"data": str(data), "images": len(reports), "per_class": per_class_counts(reports),
-            "odd": {r.path: r.oddity for r in reports if r.problem is None and r.oddity},
-            "unreadable": {r.path: r.problem for r in reports if r.problem}}
+    return {
+        "data": str(data),
+        "images": len(reports),
+        "per_class": per_class_counts(reports),
+        "odd": {r.path: r.oddity for r in reports if r.problem is None and r.oddity},
+        "unreadable": {r.path: r.problem for r in reports if r.problem},
+    }
 
 
 def per_class_counts(reports: list[ImageReport]) -> dict[str, dict[str, int]]:
@@ -153,15 +170,25 @@ def run(options: CheckDataOptions) -> int:
         print(summary(reports))
     if options.write_file_list:
         count = write_file_list(reports, Path(options.write_file_list))
-        print(f"check-data: wrote {count} readable files to {options.write_file_list}; "
-              f"train with --file-list {options.write_file_list}", file=sys.stderr)
+        print(
+            f"check-data: wrote {count} readable files to {options.write_file_list}; "
+            f"train with --file-list {options.write_file_list}",
+            file=sys.stderr,
+        )
         return 0
     if unreadable:
-        print(f"check-data: {len(unreadable)} unreadable file(s); write a list without them with "
-              "--write-file-list F and train with --file-list F", file=sys.stderr)
+        print(
+            f"check-data: {len(unreadable)} unreadable file(s); write a list without them with "
+            "--write-file-list F and train with --file-list F",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
-COMMAND = Command(CheckDataOptions, run, description="Exit status 1 when a file cannot be decoded (0 with "
-                                                     "--write-file-list, whose list leaves such files out).")
+COMMAND = Command(
+    CheckDataOptions,
+    run,
+    description="Exit status 1 when a file cannot be decoded (0 with "
+    "--write-file-list, whose list leaves such files out).",
+)

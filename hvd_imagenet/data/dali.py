@@ -18,6 +18,7 @@ and the pipeline turns them into torchvision's RandomResizedCrop window (crop_wi
 depend on the pipeline's age, on the rank, or on where a resumed run started: a run resumed mid-epoch reads
 and crops exactly what the uninterrupted one did.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,17 +26,17 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-import torch
 import nvidia.dali.math as dmath
+import torch
 from nvidia.dali import Pipeline, fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from nvidia.dali.tensors import TensorListGPU
 
-from ..context import DistContext
 from ..config import TrainConfig
+from ..context import DistContext
 from ..errors import UserError
-from . import Loaders, Samples, default_threads
 from .check import image_problem
+from .loaders import Loaders, Samples, default_threads
 from .packed import PackedSamples
 from .samples import FileSamples
 from .shards import train_shard, val_shard
@@ -46,8 +47,12 @@ MEAN_255 = [255 * m for m in MEAN]
 STD_255 = [255 * s for s in STD]
 # nvJPEG's buffers sized once for the largest ImageNet image (NVIDIA's DALI ResNet-50 example does the same),
 # so decoding never reallocates mid-epoch; the hardware decoder (A100, H100) preallocated for 5980 x 6430 px.
-NVJPEG_HINTS = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512,
-                    preallocate_width_hint=5980, preallocate_height_hint=6430)
+NVJPEG_HINTS = dict(
+    device_memory_padding=211_025_920,
+    host_memory_padding=140_544_512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+)
 # Threads that read encoded images (opens and preads: I/O, not CPU; they wait on the disk or the file system).
 READ_THREADS = 8
 # Per image, the uniform draws of RandomResizedCrop (torchvision's get_params): an area fraction and a log
@@ -67,8 +72,10 @@ def choose_device(requested: str, ctx: DistContext) -> str:
     decoder on a machine without a GPU fails when the pipeline is built."""
     has_gpu = ctx.device.type == "cuda"
     if requested == "gpu" and not has_gpu:
-        raise UserError("--dali-device gpu: this rank has no GPU (torch.cuda.is_available() is False); "
-                        "use --dali-device cpu or auto")
+        raise UserError(
+            "--dali-device gpu: this rank has no GPU (torch.cuda.is_available() is False); "
+            "use --dali-device cpu or auto"
+        )
     if requested == "auto":
         return "gpu" if has_gpu else "cpu"
     return requested
@@ -97,7 +104,7 @@ def crop_window(encoded, draws, min_crop_area: float):
     height, width = shape[0], shape[1]
     low, high = math.log(ASPECT_RATIOS[0]), math.log(ASPECT_RATIOS[1])
     area = height * width * (min_crop_area + (1.0 - min_crop_area) * draws[0:ATTEMPTS])
-    ratio = dmath.exp(low + (high - low) * draws[ATTEMPTS:2 * ATTEMPTS])
+    ratio = dmath.exp(low + (high - low) * draws[ATTEMPTS : 2 * ATTEMPTS])
     w = dmath.floor(dmath.sqrt(area * ratio) + 0.5)
     h = dmath.floor(dmath.sqrt(area / ratio) + 0.5)
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -120,8 +127,9 @@ class EpochFeed:
     when batch i is handed over, so that DALI's call (on the thread that schedules the pipeline) mostly finds
     its bytes read."""
 
-    def __init__(self, samples: FileSamples | PackedSamples, batch_size: int, pool: ThreadPoolExecutor,
-                 seed: int | None):
+    def __init__(
+        self, samples: FileSamples | PackedSamples, batch_size: int, pool: ThreadPoolExecutor, seed: int | None
+    ):
         self.samples, self.batch_size, self.pool, self.seed = samples, batch_size, pool, seed
         self.start([], 0)
 
@@ -136,7 +144,7 @@ class EpochFeed:
         self.start([], self.epoch)
 
     def batch_indices(self, batch: int) -> np.ndarray:
-        return self.indices[batch * self.batch_size:(batch + 1) * self.batch_size]
+        return self.indices[batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def submit(self, batch: int) -> list[Future]:
         return [self.pool.submit(self.samples.read, int(i)) for i in self.batch_indices(batch)]
@@ -159,18 +167,31 @@ class EpochFeed:
 
 @pipeline_def
 def train_pipeline(feed: EpochFeed, device: str, image_size: int, min_crop_area: float, channels_last: bool):
-    encoded, label, draws = fn.external_source(source=feed, num_outputs=3, batch=True,
-                                               dtype=[types.UINT8, types.INT32, types.FLOAT])
+    encoded, label, draws = fn.external_source(
+        source=feed, num_outputs=3, batch=True, dtype=[types.UINT8, types.INT32, types.FLOAT]
+    )
     # Scale and aspect-ratio augmentation (Sec. 5.1), as torchvision's RandomResizedCrop draws it, decoding
     # only the crop's region of the JPEG.
     anchor, size = crop_window(encoded, draws, min_crop_area)
-    images = fn.decoders.image_slice(encoded, anchor, size, normalized_anchor=False, normalized_shape=False,
-                                     output_type=types.RGB, **decoder_options(device))
-    images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
-                       antialias=True)
+    images = fn.decoders.image_slice(
+        encoded,
+        anchor,
+        size,
+        normalized_anchor=False,
+        normalized_shape=False,
+        output_type=types.RGB,
+        **decoder_options(device),
+    )
+    images = fn.resize(
+        images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=True
+    )
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
-        mean=MEAN_255, std=STD_255, mirror=fn.cast(draws[2 * ATTEMPTS + 2] < 0.5, dtype=types.INT32),
+        images,
+        dtype=types.FLOAT,
+        output_layout="HWC" if channels_last else "CHW",
+        mean=MEAN_255,
+        std=STD_255,
+        mirror=fn.cast(draws[2 * ATTEMPTS + 2] < 0.5, dtype=types.INT32),
     )
     return images, label.gpu() if device == "gpu" else label  # labels beside the images: no copy in the step
 
@@ -182,8 +203,12 @@ def val_pipeline(feed: EpochFeed, device: str, image_size: int, val_resize: int,
     # A single center crop of the image resized to val_resize on its shorter side (Sec. 5.1).
     images = fn.resize(images, resize_shorter=val_resize, interp_type=types.INTERP_LINEAR, antialias=True)
     images = fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
-        crop=(image_size, image_size), mean=MEAN_255, std=STD_255,
+        images,
+        dtype=types.FLOAT,
+        output_layout="HWC" if channels_last else "CHW",
+        crop=(image_size, image_size),
+        mean=MEAN_255,
+        std=STD_255,
     )
     return images, label.gpu() if device == "gpu" else label
 
@@ -204,8 +229,7 @@ class DaliPass:
     cuda_stream) and copied out on it; CPU outputs (--dali-device cpu) go to the GPU from pinned memory
     without blocking."""
 
-    def __init__(self, feed: EpochFeed, build, ctx: DistContext, batch_size: int, prefetch: int,
-                 channels_last: bool):
+    def __init__(self, feed: EpochFeed, build, ctx: DistContext, batch_size: int, prefetch: int, channels_last: bool):
         self.feed, self.build, self.ctx = feed, build, ctx
         self.batch_size, self.prefetch, self.channels_last = batch_size, prefetch, channels_last
         self.indices, self.epoch = [], 0
@@ -256,8 +280,10 @@ class DaliPass:
                 pipeline.schedule_run()  # the next batch; past the pass's end the feed ends DALI's epoch
                 if self.channels_last:  # NHWC from DALI is NCHW in channels_last memory format, no copy
                     images = images.permute(0, 3, 1, 2)
-                yield (images.to(self.ctx.device, non_blocking=True),  # no-ops when DALI decoded on this GPU
-                       labels.to(self.ctx.device, non_blocking=True).squeeze(-1).long())
+                yield (
+                    images.to(self.ctx.device, non_blocking=True),  # no-ops when DALI decoded on this GPU
+                    labels.to(self.ctx.device, non_blocking=True).squeeze(-1).long(),
+                )
         finally:
             if self.pipeline is pipeline:
                 self.end_pass(pipeline)
@@ -290,9 +316,12 @@ class DaliPass:
         batch for a GPU rank in pinned memory, so that its copy to the GPU does not block the host."""
         on_gpu = isinstance(batch, TensorListGPU)
         dense = batch.as_tensor()  # one (batch, ...) tensor: every sample has the same shape here
-        tensor = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
-                             device=self.ctx.device if on_gpu else "cpu",
-                             pin_memory=not on_gpu and self.ctx.device.type == "cuda")
+        tensor = torch.empty(
+            dense.shape(),
+            dtype=to_torch_type[dense.dtype],
+            device=self.ctx.device if on_gpu else "cpu",
+            pin_memory=not on_gpu and self.ctx.device.type == "cuda",
+        )
         feed_ndarray(dense, tensor, cuda_stream=self.stream if on_gpu else None)
         return tensor
 
@@ -301,36 +330,52 @@ class DaliPass:
         the one asked for or one decoded ahead of it; check those images with PIL."""
         samples, text = self.feed.samples, str(error)
         first = batch_index * self.batch_size
-        in_flight = self.indices[first:first + (self.prefetch + 2) * self.batch_size]
+        in_flight = self.indices[first : first + (self.prefetch + 2) * self.batch_size]
         for index in in_flight:
             problem = image_problem(samples.read(int(index)))
             if problem:
                 return unreadable_message(samples.name(int(index)), problem)
         reason = text.split("encountered:", 1)[-1].strip().splitlines()[0] if "encountered:" in text else text
-        return (f"DALI failed in batch {batch_index} ({samples.name(int(in_flight[0]))} ... "
-                f"{samples.name(int(in_flight[-1]))}): {reason}")
+        return (
+            f"DALI failed in batch {batch_index} ({samples.name(int(in_flight[0]))} ... "
+            f"{samples.name(int(in_flight[-1]))}): {reason}"
+        )
 
 
 def dali_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
     device = choose_device(config.dali_device, ctx)
     threads = config.dali_threads or default_threads(ctx)
-    options = dict(batch_size=config.pass_batch, num_threads=threads, prefetch_queue_depth=config.dali_prefetch,
-                   device_id=ctx.local_rank if device == "gpu" else None)
+    options = dict(
+        batch_size=config.pass_batch,
+        num_threads=threads,
+        prefetch_queue_depth=config.dali_prefetch,
+        device_id=ctx.local_rank if device == "gpu" else None,
+    )
     size, layout, batch, prefetch = config.image_size, config.channels_last, config.pass_batch, config.dali_prefetch
     pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="image-read")
-    train = DaliPass(EpochFeed(samples.train, batch, pool, seed=config.seed),
-                     lambda feed: train_pipeline(feed, device, size, config.min_crop_area, layout, **options),
-                     ctx, batch, prefetch, layout)
-    val = DaliPass(EpochFeed(samples.val, batch, pool, seed=None),
-                   lambda feed: val_pipeline(feed, device, size, config.val_resize, layout, **options),
-                   ctx, batch, prefetch, layout)
+    train = DaliPass(
+        EpochFeed(samples.train, batch, pool, seed=config.seed),
+        lambda feed: train_pipeline(feed, device, size, config.min_crop_area, layout, **options),
+        ctx,
+        batch,
+        prefetch,
+        layout,
+    )
+    val = DaliPass(
+        EpochFeed(samples.val, batch, pool, seed=None),
+        lambda feed: val_pipeline(feed, device, size, config.val_resize, layout, **options),
+        ctx,
+        batch,
+        prefetch,
+        layout,
+    )
     val.select(val_shard(len(samples.val), ctx.rank, ctx.size))
 
     selected = [(0, 0)]
 
     def epoch_indices(epoch: int, images_done: int) -> list[int]:
         indices = train_shard(len(samples.train), config.seed, epoch, ctx.rank, ctx.size, images_done)
-        return indices[:len(indices) // batch * batch]  # full batches only
+        return indices[: len(indices) // batch * batch]  # full batches only
 
     def set_epoch(epoch: int, images_done: int = 0) -> None:
         """Select the epoch's pass and start decoding it. train calls it early for the next epoch, so that

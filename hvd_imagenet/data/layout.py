@@ -1,4 +1,5 @@
 """The ImageNet directory layout: DIR/{train,val}/<class>/<image>. Checked before any rank starts training."""
+
 from __future__ import annotations
 
 import os
@@ -56,11 +57,14 @@ def list_samples(data: Path, split: str, classes: list[str], allowed: frozenset[
     """(path, label) of every image of a split, in ImageFolder's order and with its labels (sorted class
     folders, sorted files), restricted to the paths in `allowed` when a file list is given."""
     if allowed is None:
+
         def is_valid(path: str) -> bool:
             return path.lower().endswith(IMG_EXTENSIONS)
     else:
+
         def is_valid(path: str) -> bool:
             return os.path.relpath(path, data) in allowed
+
     class_to_idx = {name: index for index, name in enumerate(classes)}
     samples = make_dataset(str(data / split), class_to_idx, is_valid_file=is_valid, allow_empty=True)
     if not samples:

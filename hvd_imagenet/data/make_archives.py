@@ -10,6 +10,7 @@ the tests. The images are make-dataset's shapes (200-500 px JPEGs), so the data 
   synsets beside them) and data/ILSVRC2012_validation_ground_truth.txt (one ID per val image, in file order).
 - LOC_val_solution.csv, Kaggle's form of the val labels (rows not in file order, boxes after each WNID).
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,10 +23,18 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from .make_dataset import draw, refuse_nonempty
+from .drawing import draw, refuse_nonempty
 
-SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-                 "num_train_images")
+SYNSET_FIELDS = (
+    "ILSVRC2012_ID",
+    "WNID",
+    "words",
+    "gloss",
+    "num_children",
+    "children",
+    "wordnet_height",
+    "num_train_images",
+)
 ODD = {"gray": "grayscale", "cmyk": "CMYK", "png": "PNG data in a .JPEG file"}
 
 
@@ -62,30 +71,41 @@ def write_meta_mat(wnids: list[str], ids: dict[str, int]) -> bytes:
     """meta.mat: the leaf synsets (the classes) with the given IDs, then two non-leaf synsets."""
     import scipy.io
 
-    rows = [(ids[wnid], wnid, 0) for wnid in wnids] + [(len(wnids) + 1, "n00001740", 2),
-                                                      (len(wnids) + 2, "n00002137", 1)]
+    rows = [(ids[wnid], wnid, 0) for wnid in wnids] + [
+        (len(wnids) + 1, "n00001740", 2),
+        (len(wnids) + 2, "n00002137", 1),
+    ]
     synsets = np.zeros((len(rows), 1), dtype=[(name, "O") for name in SYNSET_FIELDS])
     for row, (synset_id, wnid, children) in enumerate(rows):
-        synsets[row, 0] = (np.array([[synset_id]], np.uint16), wnid, f"words of {wnid}", "a gloss",
-                           np.array([[children]], np.uint8), np.arange(1, children + 1, dtype=np.uint16),
-                           np.array([[0 if children == 0 else 3]], np.uint8), np.array([[1300]], np.uint16))
+        synsets[row, 0] = (
+            np.array([[synset_id]], np.uint16),
+            wnid,
+            f"words of {wnid}",
+            "a gloss",
+            np.array([[children]], np.uint8),
+            np.arange(1, children + 1, dtype=np.uint16),
+            np.array([[0 if children == 0 else 3]], np.uint8),
+            np.array([[1300]], np.uint16),
+        )
     out = io.BytesIO()
     scipy.io.savemat(out, {"synsets": synsets})
     return out.getvalue()
 
 
-def make_archives(root: Path, classes: int = 3, train_per_class: int = 5, val_per_class: int = 4,
-                  seed: int = 0) -> Archives:
+def make_archives(
+    root: Path, classes: int = 3, train_per_class: int = 5, val_per_class: int = 4, seed: int = 0
+) -> Archives:
     """Write the three archives and Kaggle's label file into `root`; returns what they hold."""
     if classes < 2 or train_per_class < 2 or val_per_class < 1:
-        raise UserError("make-dataset --kind archives needs --classes >= 2, --train-per-class >= 2 (room for the "
-                        "odd files) and --val-per-class >= 1")
+        raise UserError(
+            "make-dataset --kind archives needs --classes >= 2, --train-per-class >= 2 (room for the "
+            "odd files) and --val-per-class >= 1"
+        )
     refuse_nonempty(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     wnids = sorted(f"n{int(n):08d}" for n in rng.choice(10**7, size=classes, replace=False))
-    progress = tqdm(total=classes * (train_per_class + val_per_class), desc="make-dataset", unit="img",
-                    disable=None)
+    progress = tqdm(total=classes * (train_per_class + val_per_class), desc="make-dataset", unit="img", disable=None)
 
     train_files, odd = {}, {}
     with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
@@ -124,6 +144,14 @@ def make_archives(root: Path, classes: int = 3, train_per_class: int = 5, val_pe
         writer = csv.writer(f)
         writer.writerow(["ImageId", "PredictionString"])
         for name in sorted(val_labels, reverse=True):
-            writer.writerow([name[:-len(".JPEG")], f"{val_labels[name]} 1 2 30 40 {val_labels[name]} 5 6 20 21 "])
-    return Archives(root / "ILSVRC2012_img_train.tar", root / "ILSVRC2012_img_val.tar",
-                    root / "ILSVRC2012_devkit_t12.tar.gz", kaggle, wnids, val_labels, train_files, odd)
+            writer.writerow([name[: -len(".JPEG")], f"{val_labels[name]} 1 2 30 40 {val_labels[name]} 5 6 20 21 "])
+    return Archives(
+        root / "ILSVRC2012_img_train.tar",
+        root / "ILSVRC2012_img_val.tar",
+        root / "ILSVRC2012_devkit_t12.tar.gz",
+        kaggle,
+        wnids,
+        val_labels,
+        train_files,
+        odd,
+    )

@@ -21,22 +21,23 @@ under 1 % of it per step.
 --kind archives: shapes in the three official ImageNet downloads' formats (make_archives.py), the input of
 `prepare-imagenet`.
 """
+
 from __future__ import annotations
 
-import colorsys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 from ..cpus import available_cpus
 from ..errors import UserError
 from ..flags import Command, check, opt
+from .drawing import draw, refuse_nonempty, wnid
+from .make_archives import make_archives
 
-SHAPES = ("ellipse", "rectangle", "triangle", "ring")
 KINDS = ("shapes", "digits", "cluttered-digits", "archives")
 DIGIT_SIZE = 16  # px, from 8: x2, bicubic (8 px hold all there is; 16 px give the crops room)
 DIGIT_CANVAS = 20  # px; the study trains on 16 px crops and evaluates the center 16 px of the 18 px resize
@@ -53,53 +54,15 @@ class ImageJob:
     seed: tuple[int, ...]
 
 
-def wnid(class_index: int) -> str:
-    return f"n{1_000_000 + 7919 * class_index:08d}"
-
-
-def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
-    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
-
-
-def draw(class_index: int, num_classes: int, seed: tuple[int, ...]) -> tuple[Image.Image, int]:
-    """One image of a class, and the JPEG quality to save it at (75-95)."""
-    rng = np.random.default_rng(seed)
-    width, height = (int(v) for v in rng.integers(200, 501, size=2))
-    background = np.array(_rgb(rng.random(), 0.25, 0.55), dtype=np.float32)
-    pixels = background + rng.normal(0, 28, size=(height, width, 3))
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-    hue = class_index / num_classes + rng.normal(0, 0.012)
-    color = _rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0))
-    size = rng.uniform(0.35, 0.75) * min(width, height)
-    cx, cy = rng.uniform(size / 2, width - size / 2), rng.uniform(size / 2, height - size / 2)
-    box = (cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2)
-    pen = ImageDraw.Draw(image)
-    shape = SHAPES[class_index % len(SHAPES)]
-    if shape == "ellipse":
-        pen.ellipse(box, fill=color)
-    elif shape == "rectangle":
-        pen.rectangle(box, fill=color)
-    elif shape == "triangle":
-        pen.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=color)
-    else:
-        pen.ellipse(box, outline=color, width=max(3, int(size / 6)))
-    return image, int(rng.integers(75, 96))
-
-
 def render(job: ImageJob) -> None:
     image, quality = draw(job.class_index, job.num_classes, job.seed)
     job.path.parent.mkdir(parents=True, exist_ok=True)
     image.save(job.path, "JPEG", quality=quality)
 
 
-def refuse_nonempty(output: Path) -> None:
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"--output {output} exists and is not empty")
-
-
-def make_dataset(output: Path, classes: int, train_per_class: int, val_per_class: int, seed: int,
-                 workers: int = 0) -> int:
+def make_dataset(
+    output: Path, classes: int, train_per_class: int, val_per_class: int, seed: int, workers: int = 0
+) -> int:
     """Write the data set; returns the number of images. Deterministic for a given seed."""
     if classes < 2 or train_per_class < 1 or val_per_class < 1:
         raise UserError("make-dataset needs --classes >= 2, --train-per-class >= 1 and --val-per-class >= 1")
@@ -111,8 +74,9 @@ def make_dataset(output: Path, classes: int, train_per_class: int, val_per_class
         for i in range(count)
     ]
     with ProcessPoolExecutor(max_workers=workers or available_cpus()) as pool:
-        for _ in tqdm(pool.map(render, jobs, chunksize=16), total=len(jobs), desc="make-dataset", unit="img",
-                      disable=None):  # a bar on a terminal only: in a log its redraws are one endless line
+        for _ in tqdm(
+            pool.map(render, jobs, chunksize=16), total=len(jobs), desc="make-dataset", unit="img", disable=None
+        ):  # a bar on a terminal only: in a log its redraws are one endless line
             pass
     return len(jobs)
 
@@ -142,8 +106,9 @@ def make_digits(output: Path) -> int:
     refuse_nonempty(output)
     images, labels = sklearn_digits()
     margin = (DIGIT_CANVAS - DIGIT_SIZE) // 2
-    for index, (pixels, label) in enumerate(tqdm(list(zip(images, labels)), desc="make-dataset", unit="img",
-                                                  disable=None)):
+    for index, (pixels, label) in enumerate(
+        tqdm(list(zip(images, labels)), desc="make-dataset", unit="img", disable=None)
+    ):
         canvas = Image.new("L", (DIGIT_CANVAS, DIGIT_CANVAS))
         canvas.paste(digit_image(pixels), (margin, margin))
         save_digit(canvas, output, split_of(index), int(label), index)
@@ -159,14 +124,14 @@ def save_digit(image: Image.Image, output: Path, split: str, label: int, index: 
 def distorted(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A digit rotated, scaled, sheared and shifted onto the DIGIT_CANVAS px canvas, float gray levels."""
     angle, scale, shear = np.radians(rng.uniform(-25, 25)), rng.uniform(0.75, 1.1), rng.uniform(-0.3, 0.3)
-    forward = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ [[1, shear],
-                                                                                                  [0, 1]]
+    forward = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ [[1, shear], [0, 1]]
     inverse = np.linalg.inv(forward)  # PIL maps each output pixel back to the input
     center_out = DIGIT_CANVAS / 2 + rng.uniform(-2, 2, size=2)
     offset = DIGIT_SIZE / 2 - inverse @ center_out
     coefficients = (*inverse[0], offset[0], *inverse[1], offset[1])
-    image = digit_image(pixels).transform((DIGIT_CANVAS, DIGIT_CANVAS), Image.Transform.AFFINE, coefficients,
-                                          Image.Resampling.BILINEAR)
+    image = digit_image(pixels).transform(
+        (DIGIT_CANVAS, DIGIT_CANVAS), Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR
+    )
     return np.asarray(image, dtype=np.float32)
 
 
@@ -177,8 +142,8 @@ def cluttered(index: int, images: np.ndarray, rng: np.random.Generator) -> Image
     for _ in range(CLUTTER_FRAGMENTS):
         other = distorted(images[rng.integers(len(images))], rng)
         (y, x), (from_y, from_x) = rng.integers(0, DIGIT_CANVAS - size + 1, size=(2, 2))
-        fragment = other[from_y:from_y + size, from_x:from_x + size] * rng.uniform(0.5, 1.0)
-        canvas[y:y + size, x:x + size] = np.maximum(canvas[y:y + size, x:x + size], fragment)
+        fragment = other[from_y : from_y + size, from_x : from_x + size] * rng.uniform(0.5, 1.0)
+        canvas[y : y + size, x : x + size] = np.maximum(canvas[y : y + size, x : x + size], fragment)
     canvas += rng.normal(0, CLUTTER_NOISE, size=canvas.shape)
     return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8))
 
@@ -211,16 +176,22 @@ SHAPES_DEFAULTS = {"classes": 10, "train_per_class": 100, "val_per_class": 20, "
 @dataclass(frozen=True)
 class MakeDatasetOptions:
     output: str = opt("the data set's directory (new or empty)")
-    kind: str = opt("shapes: generated colored shapes, 200-500 px; digits: scikit-learn's 1,797 handwritten digits "
-                    "(real), 20 px, a fixed train/val split; cluttered-digits: those digits distorted, cluttered and "
-                    "noisy, 20 copies of each train digit and 6 of each val one (the study's); archives: shapes as "
-                    "the official ImageNet downloads (train and val tars, devkit, Kaggle's val labels), for "
-                    "prepare-imagenet", "shapes", choices=KINDS)
+    kind: str = opt(
+        "shapes: generated colored shapes, 200-500 px; digits: scikit-learn's 1,797 handwritten digits "
+        "(real), 20 px, a fixed train/val split; cluttered-digits: those digits distorted, cluttered and "
+        "noisy, 20 copies of each train digit and 6 of each val one (the study's); archives: shapes as "
+        "the official ImageNet downloads (train and val tars, devkit, Kaggle's val labels), for "
+        "prepare-imagenet",
+        "shapes",
+        choices=KINDS,
+    )
     classes: int | None = opt(f"shapes, archives: classes (default {SHAPES_DEFAULTS['classes']})", None, min=2)
     train_per_class: int | None = opt(
-        f"shapes, archives: train images per class (default {SHAPES_DEFAULTS['train_per_class']})", None, min=1)
+        f"shapes, archives: train images per class (default {SHAPES_DEFAULTS['train_per_class']})", None, min=1
+    )
     val_per_class: int | None = opt(
-        f"shapes, archives: val images per class (default {SHAPES_DEFAULTS['val_per_class']})", None, min=1)
+        f"shapes, archives: val images per class (default {SHAPES_DEFAULTS['val_per_class']})", None, min=1
+    )
     seed: int | None = opt(f"shapes, archives, cluttered-digits: seed (default {SHAPES_DEFAULTS['seed']})", None)
     workers: int = opt("processes (0: all cores)", 0, min=0)
 
@@ -234,20 +205,23 @@ def run(options: MakeDatasetOptions) -> None:
         fixed = [name for name in SHAPES_DEFAULTS if name != "seed" or options.kind == "digits"]  # cluttered: seeded
         given = [f"--{name.replace('_', '-')}" for name in fixed if getattr(options, name) is not None]
         if given:
-            raise UserError(f"--kind {options.kind} is a fixed data set (10 classes, a fixed split); drop "
-                            f"{' '.join(given)}")
+            raise UserError(
+                f"--kind {options.kind} is a fixed data set (10 classes, a fixed split); drop {' '.join(given)}"
+            )
         count = make_digits(output) if options.kind == "digits" else make_cluttered_digits(output, options.seed or 0)
         print(f"make-dataset: wrote {count} JPEG files to {output}")
         return
-    values = {name: default if getattr(options, name) is None else getattr(options, name)
-              for name, default in SHAPES_DEFAULTS.items()}
+    values = {
+        name: default if getattr(options, name) is None else getattr(options, name)
+        for name, default in SHAPES_DEFAULTS.items()
+    }
     if options.kind == "archives":
-        from .make_archives import make_archives
-
         archives = make_archives(output, **values)
-        print(f"make-dataset: wrote {len(archives.wnids)} classes as the official ImageNet archives to {output}; next:"
-              f"\n  hvd-imagenet prepare-imagenet --train-tar {archives.train} --val-tar {archives.val} --devkit "
-              f"{archives.devkit} --output DIR --no-verify")
+        print(
+            f"make-dataset: wrote {len(archives.wnids)} classes as the official ImageNet archives to {output}; next:"
+            f"\n  hvd-imagenet prepare-imagenet --train-tar {archives.train} --val-tar {archives.val} --devkit "
+            f"{archives.devkit} --output DIR --no-verify"
+        )
         return
     count = make_dataset(output, **values, workers=options.workers)
     print(f"make-dataset: wrote {count} JPEG files to {output}")

@@ -17,6 +17,7 @@ decoding and per-image transforms cost more than the step itself on a CPU.
   batch come from (seed, epoch, rank, its position in the rank's epoch), so a run resumed mid-epoch crops
   what the uninterrupted run did.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ from .. import comm
 from ..config import TrainConfig
 from ..context import DistContext
 from ..errors import UserError
-from . import Loaders, Samples
+from .loaders import Loaders, Samples
 from .shards import train_shard, val_shard
 from .stage import node_path
 from .torchvision_loader import MEAN, STD, ImageFiles
@@ -92,8 +93,7 @@ class DecodedImages:
         images, labels = torch.from_numpy(self.array[indices.numpy()]), self.labels[indices]
         if device.type == "cuda":
             images, labels = images.pin_memory(), labels.pin_memory()
-        return (images.to(device, non_blocking=True).permute(0, 3, 1, 2),
-                labels.to(device, non_blocking=True))
+        return (images.to(device, non_blocking=True).permute(0, 3, 1, 2), labels.to(device, non_blocking=True))
 
 
 class Normalize:
@@ -121,12 +121,14 @@ class MemoryTrain:
 
     def __iter__(self):
         config, ctx, batch = self.config, self.ctx, self.config.pass_batch
-        indices = torch.tensor(train_shard(len(self.images.labels), config.seed, self.epoch, ctx.rank, ctx.size,
-                                           self.images_done), dtype=torch.int64)
+        indices = torch.tensor(
+            train_shard(len(self.images.labels), config.seed, self.epoch, ctx.rank, ctx.size, self.images_done),
+            dtype=torch.int64,
+        )
         first = self.images_done // ctx.size  # this rank's images read before (a resume within the epoch)
         for start in range(0, len(indices) - batch + 1, batch):
             seed = np.random.SeedSequence([config.seed, self.epoch, ctx.rank, first + start]).generate_state(1)[0]
-            yield self.augment(indices[start:start + batch], torch.Generator().manual_seed(int(seed)))
+            yield self.augment(indices[start : start + batch], torch.Generator().manual_seed(int(seed)))
 
     def augment(self, indices: torch.Tensor, generator: torch.Generator):
         config, device = self.config, self.ctx.device
@@ -150,21 +152,23 @@ class MemoryVal:
 
     def __iter__(self):
         for start in range(0, len(self.indices), self.batch_size):
-            indices = torch.tensor(list(self.indices[start:start + self.batch_size]), dtype=torch.int64)
+            indices = torch.tensor(list(self.indices[start : start + self.batch_size]), dtype=torch.int64)
             images, labels = self.images.batch(indices, self.device)
             yield self.normalize(images), labels
 
 
 def check_fits(samples: Samples, config: TrainConfig, shared: bool) -> None:
     """A clear error before decoding a data set that does not fit where it would go."""
-    needed = 3 * (len(samples.train) * config.val_resize ** 2 + len(samples.val) * config.image_size ** 2)
+    needed = 3 * (len(samples.train) * config.val_resize**2 + len(samples.val) * config.image_size**2)
     free = os.statvfs(SHARED_DIR) if shared else None
     room = free.f_bavail * free.f_frsize if free else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > room:
         where = f"{SHARED_DIR} has {room / 2**30:.1f} GiB free" if shared else f"{room / 2**30:.1f} GiB of RAM is free"
-        raise UserError(f"--loader memory: the decoded data set needs {needed / 2**30:.1f} GiB ("
-                        f"{len(samples.train)} train images at {config.val_resize} px, {len(samples.val)} val at "
-                        f"{config.image_size} px) and {where}; use --loader dali or torchvision")
+        raise UserError(
+            f"--loader memory: the decoded data set needs {needed / 2**30:.1f} GiB ("
+            f"{len(samples.train)} train images at {config.val_resize} px, {len(samples.val)} val at "
+            f"{config.image_size} px) and {where}; use --loader dali or torchvision"
+        )
 
 
 def decode_splits(samples: Samples, config: TrainConfig, ctx: DistContext) -> tuple[DecodedImages, DecodedImages]:
@@ -177,12 +181,18 @@ def decode_splits(samples: Samples, config: TrainConfig, ctx: DistContext) -> tu
     if shared:  # one name on the node's ranks: rank 0's, with the node's name (emulated nodes share a /dev/shm)
         name = node_path(f"hvd-imagenet-%n-{comm.broadcast_object(uuid.uuid4().hex, name='memory.name')}")
     resize = transforms.Resize(config.val_resize)
-    train = DecodedImages(samples.train, transforms.Compose([resize, transforms.CenterCrop(config.val_resize),
-                                                             np.asarray]),
-                          config.val_resize, name and f"{name}-train")
-    val = DecodedImages(samples.val, transforms.Compose([resize, transforms.CenterCrop(config.image_size),
-                                                         np.asarray]),
-                        config.image_size, name and f"{name}-val")
+    train = DecodedImages(
+        samples.train,
+        transforms.Compose([resize, transforms.CenterCrop(config.val_resize), np.asarray]),
+        config.val_resize,
+        name and f"{name}-train",
+    )
+    val = DecodedImages(
+        samples.val,
+        transforms.Compose([resize, transforms.CenterCrop(config.image_size), np.asarray]),
+        config.image_size,
+        name and f"{name}-val",
+    )
     if not shared:
         train.decode(0, 1)
         val.decode(0, 1)
@@ -200,7 +210,7 @@ def decode_splits(samples: Samples, config: TrainConfig, ctx: DistContext) -> tu
 def memory_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
     train, val = decode_splits(samples, config, ctx)
     mebibytes = (train.array.nbytes + val.array.nbytes) / 2**20
-    where = (f"shared by the node's {ctx.local_size} ranks" if train.path else "in this rank")
+    where = f"shared by the node's {ctx.local_size} ranks" if train.path else "in this rank"
     loader = MemoryTrain(train, config, ctx)
     return Loaders(
         train=loader,
@@ -209,5 +219,5 @@ def memory_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> L
         num_classes=samples.num_classes,
         set_epoch=loader.set_epoch,
         description=f"memory: decoded once, {mebibytes:.1f} MiB of uint8 {where}; augmented in batches on the "
-                    f"{ctx.device.type}",
+        f"{ctx.device.type}",
     )

@@ -6,6 +6,7 @@ stream a tar in order (webdataset, DALI's readers.webdataset) do not read one cl
 by index and never depend on that order. Shards are deterministic: packing the same tree again gives the same
 bytes (the tar headers carry no time or owner), hence the same sha256 sums.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,8 @@ from ..cpus import available_cpus
 from ..errors import UserError
 from ..flags import Command, check, opt
 from ..progress import WorkProgress
+from .drawing import refuse_nonempty
 from .layout import check_layout, list_samples
-from .make_dataset import refuse_nonempty
 from .packed import FORMAT, INDEX, SPLITS, TSV_HEADER, VERSION, sha256_of
 
 PACK_ORDER_SEED = 0
@@ -79,6 +80,7 @@ def write_shard(path: Path, members: list[Member], progress: WorkProgress) -> tu
     digest, offset, entries = hashlib.sha256(), 0, []
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as out:
+
         def write(chunk: bytes) -> None:
             nonlocal offset
             out.write(chunk)
@@ -113,12 +115,16 @@ def list_members(data: Path, split: str, classes: list[str], pool: ThreadPoolExe
     return members
 
 
-def pack_split(data: Path, output: Path, split: str, classes: list[str], shard_bytes: int,
-               pool: ThreadPoolExecutor) -> dict:
+def pack_split(
+    data: Path, output: Path, split: str, classes: list[str], shard_bytes: int, pool: ThreadPoolExecutor
+) -> dict:
     """Write one split's shards and its TSV index; returns the split's entry of index.json plus its files."""
     members = list_members(data, split, classes, pool)
-    order = (np.random.default_rng(PACK_ORDER_SEED).permutation(len(members)).tolist() if split == "train"
-             else list(range(len(members))))
+    order = (
+        np.random.default_rng(PACK_ORDER_SEED).permutation(len(members)).tolist()
+        if split == "train"
+        else list(range(len(members)))
+    )
     shards = plan_shards(members, order, shard_bytes)
     names = [f"{split}-{number:06d}.tar" for number in range(len(shards))]
     rows: list[tuple | None] = [None] * len(members)
@@ -155,8 +161,15 @@ def run(options: PackOptions) -> None:
     refuse_nonempty(output)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    index = {"format": FORMAT, "version": VERSION, "classes": classes, "splits": {}, "files": {},
-             "packed_from": str(data.resolve()), "made_by": "hvd-imagenet " + " ".join(sys.argv[1:])}
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "classes": classes,
+        "splits": {},
+        "files": {},
+        "packed_from": str(data.resolve()),
+        "made_by": "hvd-imagenet " + " ".join(sys.argv[1:]),
+    }
     with ThreadPoolExecutor(options.workers or available_cpus(), thread_name_prefix="pack") as pool:
         for split in SPLITS:
             entry = pack_split(data, output, split, classes, int(options.shard_size_mb * 2**20), pool)
@@ -167,9 +180,15 @@ def run(options: PackOptions) -> None:
     seconds = time.perf_counter() - start
     images = sum(entry["images"] for entry in index["splits"].values())
     shards = sum(len(entry["shards"]) for entry in index["splits"].values())
-    print(f"pack: {images} images of {len(classes)} classes into {shards} shards, {total / 1e9:.2f} GB, in "
-          f"{seconds:.1f} s ({total / 1e6 / seconds:.1f} MB/s); train with --data {output}")
+    print(
+        f"pack: {images} images of {len(classes)} classes into {shards} shards, {total / 1e9:.2f} GB, in "
+        f"{seconds:.1f} s ({total / 1e6 / seconds:.1f} MB/s); train with --data {output}"
+    )
 
 
-COMMAND = Command(PackOptions, run, description="Train from the shards with `train --data SHARDS`; "
-                                                "the shards are read by offset, with the same global shuffle.")
+COMMAND = Command(
+    PackOptions,
+    run,
+    description="Train from the shards with `train --data SHARDS`; "
+    "the shards are read by offset, with the same global shuffle.",
+)

@@ -13,6 +13,7 @@ SHARDS/ holds:
                           path in the folder tree (train/<class>/<name>.JPEG), then <name>.cls (the label as
                           text). `tar tf` lists them; webdataset's and DALI's readers read them in sequence.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,10 @@ def read_index(root: Path, flag: str = "--data") -> dict:
         size = path.stat().st_size if path.is_file() else None
         if size != meta["bytes"]:
             found = "missing" if size is None else f"{size} bytes"
-            raise UserError(f"{flag} {root}: {name} is {found}, the index says {meta['bytes']} bytes: an incomplete "
-                            "copy; copy or stage it again (hvd-imagenet stage), or pack again")
+            raise UserError(
+                f"{flag} {root}: {name} is {found}, the index says {meta['bytes']} bytes: an incomplete "
+                "copy; copy or stage it again (hvd-imagenet stage), or pack again"
+            )
     return index
 
 
@@ -92,16 +95,25 @@ class ShardFiles:
                     fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
         data = os.pread(fd, size, offset)  # thread-safe: no shared file position
         if len(data) != size:
-            raise UserError(f"{self.paths[shard]} ends at byte {offset + len(data)}, the index has an image up to "
-                            f"{offset + size}: a truncated shard; copy or pack it again")
+            raise UserError(
+                f"{self.paths[shard]} ends at byte {offset + len(data)}, the index has an image up to "
+                f"{offset + size}: a truncated shard; copy or pack it again"
+            )
         return data
 
 
 class PackedSamples:
     """The images of one split in packed shards (the interface of samples.FileSamples)."""
 
-    def __init__(self, files: ShardFiles, shard: np.ndarray, offset: np.ndarray, size: np.ndarray,
-                 labels: np.ndarray, names: list[str]):
+    def __init__(
+        self,
+        files: ShardFiles,
+        shard: np.ndarray,
+        offset: np.ndarray,
+        size: np.ndarray,
+        labels: np.ndarray,
+        names: list[str],
+    ):
         self.files, self.shard, self.offset, self.size = files, shard, offset, size
         self._labels, self.names = labels, names
 
@@ -122,11 +134,17 @@ class PackedSamples:
     def read(self, index: int) -> bytes:
         return self.files.pread(int(self.shard[index]), int(self.offset[index]), int(self.size[index]))
 
-    def subset(self, indices) -> "PackedSamples":
+    def subset(self, indices) -> PackedSamples:
         """The images at `indices`, sharing this split's open shard files."""
         picked = np.asarray(indices, dtype=np.int64)
-        return PackedSamples(self.files, self.shard[picked], self.offset[picked], self.size[picked],
-                             self._labels[picked], [self.names[i] for i in picked.tolist()])
+        return PackedSamples(
+            self.files,
+            self.shard[picked],
+            self.offset[picked],
+            self.size[picked],
+            self._labels[picked],
+            [self.names[i] for i in picked.tolist()],
+        )
 
 
 def read_packed(root: Path, index: dict, split: str, allowed: frozenset[str] | None) -> PackedSamples:

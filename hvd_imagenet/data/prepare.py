@@ -17,6 +17,7 @@ DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG, checked on the way.
   unless --no-verify; a match is remembered in DIR/.prepare/verified.json (path, size, mtime), so a re-run
   does not hash 147 GB again.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,9 +39,11 @@ from .check import ImageReport, inspect_image, json_report, summary, write_file_
 from .layout import check_layout
 
 # The published ILSVRC2012 archives (torchvision.datasets.imagenet.ARCHIVE_META) and the set's counts.
-OFFICIAL = {"train": ("ILSVRC2012_img_train.tar", "1d675b47d978889d74fa0da5fadfb00e"),
-            "val": ("ILSVRC2012_img_val.tar", "29b22e2961454d5413ddabcf34fc5622"),
-            "devkit": ("ILSVRC2012_devkit_t12.tar.gz", "fa75699e90414af021442c21a62c3abf")}
+OFFICIAL = {
+    "train": ("ILSVRC2012_img_train.tar", "1d675b47d978889d74fa0da5fadfb00e"),
+    "val": ("ILSVRC2012_img_val.tar", "29b22e2961454d5413ddabcf34fc5622"),
+    "devkit": ("ILSVRC2012_devkit_t12.tar.gz", "fa75699e90414af021442c21a62c3abf"),
+}
 OFFICIAL_COUNTS = {"train": 1_281_167, "val": 50_000, "classes": 1_000}
 FLAGS = {"train": "--train-tar", "val": "--val-tar", "devkit": "--devkit"}
 STATE = ".prepare"  # DIR/.prepare/: classes being extracted, per-class scan reports, verified sums
@@ -62,7 +65,7 @@ class Window(io.RawIOBase):
     def readinto(self, buffer) -> int:
         left = self.start + self.size - self.file.tell()
         data = self.file.read(min(len(buffer), max(left, 0)))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
 
@@ -106,8 +109,9 @@ def extract_class(train_tar: str, wnid: str, offset: int, size: int, output: str
                     reports.append(ImageReport(f"train/{wnid}/{name}", *inspect_image(data)).__dict__)
                     written += len(data)
         except (tarfile.TarError, OSError) as error:
-            raise UserError(f"--train-tar {train_tar}: the tar of class {wnid} is corrupt ({error}); "
-                            "download the archive again") from None
+            raise UserError(
+                f"--train-tar {train_tar}: the tar of class {wnid} is corrupt ({error}); download the archive again"
+            ) from None
     (root / STATE / "train" / f"{wnid}.json").write_text(json.dumps(reports))
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)  # the class is complete
@@ -158,8 +162,10 @@ def verify(archives: dict[str, Path], state: Path) -> None:
     for role, path in todo.items():
         name, expected = OFFICIAL[role]
         if sums[role] != expected:
-            raise UserError(f"{FLAGS[role]} {path}: md5 {sums[role]} is not that of the published {name} "
-                            f"({expected}): a partial or corrupt download, or another archive (then pass --no-verify)")
+            raise UserError(
+                f"{FLAGS[role]} {path}: md5 {sums[role]} is not that of the published {name} "
+                f"({expected}): a partial or corrupt download, or another archive (then pass --no-verify)"
+            )
         known[stamp(path)] = expected
     record.write_text(json.dumps(known, indent=1))
     print(f"prepare-imagenet: md5 of {', '.join(str(p) for p in todo.values())} verified ({total / 1e9:.1f} GB)")
@@ -182,8 +188,10 @@ def devkit_labels(devkit: Path) -> dict[str, str]:
     labels = {}
     for line_number, line in enumerate(truth.decode().split(), start=1):
         if int(line) not in classes:
-            raise UserError(f"--devkit {devkit}: ground truth line {line_number} names ID {line}, which is not a "
-                            "leaf synset of meta.mat")
+            raise UserError(
+                f"--devkit {devkit}: ground truth line {line_number} names ID {line}, which is not a "
+                "leaf synset of meta.mat"
+            )
         labels[f"ILSVRC2012_val_{line_number:08d}.JPEG"] = classes[int(line)]
     return labels
 
@@ -204,16 +212,22 @@ def check_labels(labels: dict[str, str], archive: list[str], classes: list[str],
     """The labels name every image of the val archive and only those, each with a class of the training set."""
     unlabelled = sorted(set(archive) - set(labels))
     if unlabelled:
-        raise UserError(f"{source}: {len(unlabelled)} of the val archive's {len(archive)} images have no label "
-                        f"(first: {unlabelled[0]}); the labels do not belong to this val archive")
+        raise UserError(
+            f"{source}: {len(unlabelled)} of the val archive's {len(archive)} images have no label "
+            f"(first: {unlabelled[0]}); the labels do not belong to this val archive"
+        )
     extra = sorted(set(labels) - set(archive))
     if extra:
-        raise UserError(f"{source}: labels for {len(extra)} images that are not in the val archive (first: "
-                        f"{extra[0]}); the labels do not belong to this val archive")
+        raise UserError(
+            f"{source}: labels for {len(extra)} images that are not in the val archive (first: "
+            f"{extra[0]}); the labels do not belong to this val archive"
+        )
     unknown = sorted(set(labels.values()) - set(classes))
     if unknown:
-        raise UserError(f"{source}: val labels name {len(unknown)} classes that the train archive does not have "
-                        f"(first: {unknown[0]})")
+        raise UserError(
+            f"{source}: val labels name {len(unknown)} classes that the train archive does not have "
+            f"(first: {unknown[0]})"
+        )
 
 
 def class_names(members: list[tarfile.TarInfo], train_tar: Path) -> dict[str, tarfile.TarInfo]:
@@ -222,9 +236,11 @@ def class_names(members: list[tarfile.TarInfo], train_tar: Path) -> dict[str, ta
     for member in members:
         name = Path(member.name).name
         if not name.endswith(".tar"):
-            raise UserError(f"--train-tar {train_tar}: {member.name} is not a class's tar (like n01440764.tar); "
-                            "is this ILSVRC2012_img_train.tar?")
-        classes[name[:-len(".tar")]] = member
+            raise UserError(
+                f"--train-tar {train_tar}: {member.name} is not a class's tar (like n01440764.tar); "
+                "is this ILSVRC2012_img_train.tar?"
+            )
+        classes[name[: -len(".tar")]] = member
     if not classes:
         raise UserError(f"--train-tar {train_tar}: no class tars in it")
     return dict(sorted(classes.items()))
@@ -237,17 +253,19 @@ def prepare_train(train_tar: Path, classes: dict[str, tarfile.TarInfo], output: 
     if len(todo) < len(classes):
         print(f"prepare-imagenet: {len(classes) - len(todo)} of {len(classes)} classes already extracted")
     todo.sort(key=lambda wnid: -classes[wnid].size)  # the largest first: the last worker does not finish alone
-    with WorkProgress("prepare-imagenet train", len(todo), "classes") as progress, \
-            ProcessPoolExecutor(workers) as pool:
-        jobs = [pool.submit(extract_class, str(train_tar), wnid, classes[wnid].offset_data, classes[wnid].size,
-                            str(output)) for wnid in todo]
+    with WorkProgress("prepare-imagenet train", len(todo), "classes") as progress, ProcessPoolExecutor(workers) as pool:
+        jobs = [
+            pool.submit(extract_class, str(train_tar), wnid, classes[wnid].offset_data, classes[wnid].size, str(output))
+            for wnid in todo
+        ]
         for job in as_completed(jobs):
             _, _, written = job.result()
             progress.update(1, written)
 
 
-def prepare_val(val_tar: Path, members: list[tarfile.TarInfo], labels: dict[str, str], output: Path,
-                workers: int) -> None:
+def prepare_val(
+    val_tar: Path, members: list[tarfile.TarInfo], labels: dict[str, str], output: Path, workers: int
+) -> None:
     """Extract and scan the val images into their classes (all of them, or none: a re-run redoes val)."""
     state = output / STATE
     if (output / "val").is_dir() and (state / "val.json").exists():
@@ -258,7 +276,7 @@ def prepare_val(val_tar: Path, members: list[tarfile.TarInfo], labels: dict[str,
     for wnid in set(labels.values()):
         (partial / wnid).mkdir(parents=True)
     files = [(Path(m.name).name, m.offset_data, m.size, labels[Path(m.name).name]) for m in members]
-    chunks = [files[i:i + VAL_CHUNK] for i in range(0, len(files), VAL_CHUNK)]
+    chunks = [files[i : i + VAL_CHUNK] for i in range(0, len(files), VAL_CHUNK)]
     reports = []
     with WorkProgress("prepare-imagenet val", len(files), "images") as progress, ProcessPoolExecutor(workers) as pool:
         jobs = {pool.submit(extract_val, str(val_tar), chunk, str(output)): len(chunk) for chunk in chunks}
@@ -289,15 +307,22 @@ def finish(output: Path, classes: list[str], verified: bool) -> int:
     if counts == OFFICIAL_COUNTS:
         print(f"prepare-imagenet: {found}: the official ILSVRC2012 counts")
     elif verified:
-        raise UserError(f"{output}: {found} from the published archives, which hold {official}; the output "
-                        "directory holds other files, or a disk error lost some")
+        raise UserError(
+            f"{output}: {found} from the published archives, which hold {official}; the output "
+            "directory holds other files, or a disk error lost some"
+        )
     else:
         print(f"prepare-imagenet: {found} (the official set: {official}; --no-verify: another set)")
     unreadable = sum(1 for r in reports if r.problem)
-    advice = (f"train with --file-list {output / FILE_LIST} to leave them out" if unreadable
-              else f"all readable; {output / FILE_LIST} lists them")
-    print(f"prepare-imagenet: {output} is ready ({unreadable} unreadable images: {advice}); "
-          f"next: hvd-imagenet pack --data {output} --output SHARDS")
+    advice = (
+        f"train with --file-list {output / FILE_LIST} to leave them out"
+        if unreadable
+        else f"all readable; {output / FILE_LIST} lists them"
+    )
+    print(
+        f"prepare-imagenet: {output} is ready ({unreadable} unreadable images: {advice}); "
+        f"next: hvd-imagenet pack --data {output} --output SHARDS"
+    )
     return 1 if unreadable else 0
 
 
@@ -314,8 +339,10 @@ class PrepareOptions:
     def __post_init__(self):
         check(self)
         if bool(self.devkit) == bool(self.val_labels):
-            raise UserError("the val labels: give --devkit ILSVRC2012_devkit_t12.tar.gz or --val-labels "
-                            "LOC_val_solution.csv (one of them)")
+            raise UserError(
+                "the val labels: give --devkit ILSVRC2012_devkit_t12.tar.gz or --val-labels "
+                "LOC_val_solution.csv (one of them)"
+            )
 
 
 def start(options: PrepareOptions) -> dict[str, Path]:
@@ -351,5 +378,9 @@ def run(options: PrepareOptions) -> int:
     return finish(output, list(classes), options.verify)
 
 
-COMMAND = Command(PrepareOptions, run, description="Exit status 1 when some image cannot be decoded (the tree is "
-                                                   "complete; DIR/readable-files.txt leaves them out).")
+COMMAND = Command(
+    PrepareOptions,
+    run,
+    description="Exit status 1 when some image cannot be decoded (the tree is "
+    "complete; DIR/readable-files.txt leaves them out).",
+)

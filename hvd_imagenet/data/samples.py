@@ -5,6 +5,7 @@ Two kinds hold the same list: `FileSamples` (a folder tree, one file per image) 
 (large shard files and an index, read by offset). The global shuffle (shards.py) picks indices into this list,
 so a run reads the same images in the same order from either.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,5 +36,5 @@ class FileSamples:
         """The encoded image (one open and read of its file)."""
         return Path(self.items[index][0]).read_bytes()
 
-    def subset(self, indices) -> "FileSamples":
+    def subset(self, indices) -> FileSamples:
         return FileSamples(self.root, [self.items[i] for i in indices])

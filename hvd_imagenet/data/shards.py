@@ -13,13 +13,13 @@ same images in the same order.
 Validation: rank r reads images r, r + k, r + 2k, ...: disjoint shards that cover the set exactly once
 (shard sizes may differ by one; evaluation needs no per-batch collective, so no rank waits on another).
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def train_shard(num_samples: int, seed: int, epoch: int, rank: int, world_size: int,
-                images_done: int = 0) -> list[int]:
+def train_shard(num_samples: int, seed: int, epoch: int, rank: int, world_size: int, images_done: int = 0) -> list[int]:
     """Indices rank `rank` trains on in `epoch`: its 1/k of that epoch's global shuffle, after the first
     `images_done` images of it (read before a resume or a resize)."""
     generator = torch.Generator().manual_seed(seed + epoch)

@@ -10,6 +10,7 @@ staging is never taken for a complete one, and the next one keeps the files that
 `%n` in --to (and in `train --data`) is replaced by the node's name, as slurm.conf does it: for a directory
 on a file system that several nodes share (or emulated nodes on one machine, as in the tests).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,9 @@ def copy_checked(source: Path, target: Path, sha256: str, progress: WorkProgress
             progress.update(0, len(chunk))
     if digest.hexdigest() != sha256:
         temporary.unlink()
-        raise UserError(f"{source}: sha256 {digest.hexdigest()} is not the index's {sha256}: the source is corrupt "
-                        "(pack it again)")
+        raise UserError(
+            f"{source}: sha256 {digest.hexdigest()} is not the index's {sha256}: the source is corrupt (pack it again)"
+        )
     temporary.rename(target)
     progress.update(1)
 
@@ -57,8 +59,10 @@ def identical(source: Path, target: Path, index: dict) -> bool:
     copied = target / INDEX
     if not copied.is_file() or copied.read_bytes() != (source / INDEX).read_bytes():
         return False
-    return all((target / name).is_file() and (target / name).stat().st_size == meta["bytes"]
-               for name, meta in index["files"].items())
+    return all(
+        (target / name).is_file() and (target / name).stat().st_size == meta["bytes"]
+        for name, meta in index["files"].items()
+    )
 
 
 def already_there(target: Path, name: str, meta: dict) -> bool:
@@ -83,12 +87,13 @@ def stage(source: Path, target: Path, workers: int) -> str:
         raise UserError(f"--to {target}: {need / 1e9:.2f} GB to copy, {free / 1e9:.2f} GB free there")
     start = time.perf_counter()
     with WorkProgress(f"stage to {target}", len(todo), "files") as progress, ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda name: copy_checked(source / name, target / name, files[name]["sha256"], progress),
-                      todo))
+        list(pool.map(lambda name: copy_checked(source / name, target / name, files[name]["sha256"], progress), todo))
     shutil.copyfile(source / INDEX, target / INDEX)  # last: the copy is complete
     seconds = time.perf_counter() - start
-    return (f"copied {len(todo)} files ({need / 1e9:.2f} GB) from {source} to {target} in {seconds:.1f} s "
-            f"({need / 1e6 / max(seconds, 1e-9):.1f} MB/s, sha256 checked); kept {len(kept)} already there")
+    return (
+        f"copied {len(todo)} files ({need / 1e9:.2f} GB) from {source} to {target} in {seconds:.1f} s "
+        f"({need / 1e6 / max(seconds, 1e-9):.1f} MB/s, sha256 checked); kept {len(kept)} already there"
+    )
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,16 @@
 An epoch is ImageNet-1k's 1,281,167 training images split over the global batch (cap it with
 --max-steps-per-epoch). There is no validation: the labels are random.
 """
+
 from __future__ import annotations
 
 import itertools
 
 import torch
 
-from ..context import DistContext
 from ..config import TrainConfig
-from . import Loaders
+from ..context import DistContext
+from .loaders import Loaders
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_CLASSES = 1000
@@ -30,6 +31,11 @@ def synthetic_loaders(config: TrainConfig, ctx: DistContext) -> Loaders:
         def __iter__(self):
             return itertools.repeat(batch, batches)
 
-    return Loaders(train=Repeat(), val=(), train_batches=batches, num_classes=IMAGENET_CLASSES,
-                   set_epoch=lambda epoch, images_done=0: None,
-                   description="synthetic: one fixed random batch on the device")
+    return Loaders(
+        train=Repeat(),
+        val=(),
+        train_batches=batches,
+        num_classes=IMAGENET_CLASSES,
+        set_epoch=lambda epoch, images_done=0: None,
+        description="synthetic: one fixed random batch on the device",
+    )

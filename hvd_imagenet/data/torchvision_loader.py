@@ -1,4 +1,5 @@
 """torchvision transforms + DataLoader: PIL decode on CPU worker processes."""
+
 from __future__ import annotations
 
 import functools
@@ -16,10 +17,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from ..context import DistContext
 from ..config import TrainConfig
+from ..context import DistContext
 from ..errors import UserError
-from . import Loaders, Samples, default_threads
+from .loaders import Loaders, Samples, default_threads
 from .packed import PackedSamples
 from .samples import FileSamples
 from .shards import train_shard, val_shard
@@ -53,8 +54,10 @@ class ImageFiles(Dataset):
 
 
 def unreadable_message(path: str, reason) -> str:
-    return (f"cannot decode {path} ({reason}); run `hvd-imagenet check-data` and train with --file-list "
-            "to exclude unreadable files")
+    return (
+        f"cannot decode {path} ({reason}); run `hvd-imagenet check-data` and train with --file-list "
+        "to exclude unreadable files"
+    )
 
 
 class EpochShard(Sampler[tuple[int, int]]):
@@ -73,8 +76,9 @@ class EpochShard(Sampler[tuple[int, int]]):
 
     def __iter__(self):
         epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-        for index in train_shard(self.num_samples, self.seed, self.epoch, self.ctx.rank, self.ctx.size,
-                                 self.images_done):
+        for index in train_shard(
+            self.num_samples, self.seed, self.epoch, self.ctx.rank, self.ctx.size, self.images_done
+        ):
             yield index, epoch_seed * 2**24 + index
 
     def __len__(self) -> int:
@@ -92,8 +96,10 @@ class ToDevice:
     def __iter__(self):
         try:
             for images, labels in self.loader:
-                yield (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
-                       labels.to(self.device, non_blocking=True))
+                yield (
+                    images.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                    labels.to(self.device, non_blocking=True),
+                )
         except UserError as error:
             raise UserError(str(error).rstrip().splitlines()[-1].split(": ", 1)[-1]) from None
 
@@ -107,7 +113,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
     The server starts here with SIGUSR1 and SIGTERM ignored, which it and its workers inherit: SLURM signals
     every process of a job step, and a worker killed by the pre-emption warning would end the run that the
-    trainer is stopping cleanly (train.StopRequest). Workers still exit when their trainer does
+    trainer is stopping cleanly (stop.StopRequest). Workers still exit when their trainer does
     (exit_with_trainer)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torchvision", __name__])
@@ -143,25 +149,39 @@ def exit_with_trainer(trainer_pid: int, worker_id: int) -> None:
 def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples) -> Loaders:
     normalize = transforms.Normalize(MEAN, STD)
     # Scale and aspect-ratio augmentation (Sec. 5.1), and the crop or its flip.
-    train_set = ImageFiles(samples.train, transforms.Compose([
-        transforms.RandomResizedCrop(config.image_size, scale=(config.min_crop_area, 1.0)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize,
-    ]))
-    val_set = ImageFiles(samples.val.subset(val_shard(len(samples.val), ctx.rank, ctx.size)),
-                         transforms.Compose([
-                             transforms.Resize(config.val_resize),  # single center crop of the resized image
-                             transforms.CenterCrop(config.image_size),  # (Sec. 5.1)
-                             transforms.ToTensor(),
-                             normalize,
-                         ]))
+    train_set = ImageFiles(
+        samples.train,
+        transforms.Compose(
+            [
+                transforms.RandomResizedCrop(config.image_size, scale=(config.min_crop_area, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                normalize,
+            ]
+        ),
+    )
+    val_set = ImageFiles(
+        samples.val.subset(val_shard(len(samples.val), ctx.rank, ctx.size)),
+        transforms.Compose(
+            [
+                transforms.Resize(config.val_resize),  # single center crop of the resized image
+                transforms.CenterCrop(config.image_size),  # (Sec. 5.1)
+                transforms.ToTensor(),
+                normalize,
+            ]
+        ),
+    )
     sampler = EpochShard(len(train_set), config.seed, ctx)
     # Workers persist across epochs (no start-up per epoch); the sampler runs in this process, so
     # set_epoch still selects each epoch's shuffle.
-    options = dict(batch_size=config.pass_batch, num_workers=config.workers or default_threads(ctx),
-                   pin_memory=ctx.device.type == "cuda", multiprocessing_context=worker_context(),
-                   persistent_workers=True, worker_init_fn=functools.partial(exit_with_trainer, os.getpid()))
+    options = dict(
+        batch_size=config.pass_batch,
+        num_workers=config.workers or default_threads(ctx),
+        pin_memory=ctx.device.type == "cuda",
+        multiprocessing_context=worker_context(),
+        persistent_workers=True,
+        worker_init_fn=functools.partial(exit_with_trainer, os.getpid()),
+    )
     train = DataLoader(train_set, sampler=sampler, drop_last=True, **options)
     val = DataLoader(val_set, **options) if len(val_set) else ()
     return Loaders(
@@ -171,5 +191,5 @@ def torchvision_loaders(config: TrainConfig, ctx: DistContext, samples: Samples)
         num_classes=samples.num_classes,
         set_epoch=sampler.set_epoch,
         description=f"torchvision DataLoader, {options['num_workers']} worker processes per rank"
-                    + (", read from packed shards" if isinstance(samples.train, PackedSamples) else ""),
+        + (", read from packed shards" if isinstance(samples.train, PackedSamples) else ""),
     )

@@ -5,12 +5,14 @@ An entry names a `build(config, model) -> torch.optim.Optimizer` function. `buil
 train and bench-train make an optimizer (lr 0: the schedule sets it before every step, step.TrainStep). Horovod
 wraps whatever it returns (comm.distributed_optimizer), so an optimizer sees the gradients averaged over all
 ranks, and its state goes into the one checkpoint format through state_dict().
-To add one: a module here with its `build`, and a line below (README, "Extension points").
+To add one: a module here with its `build`, and a line below (docs/architecture.md, "Extension points").
 """
+
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
+
+from ..registry import resolve
 
 
 @dataclass(frozen=True)
@@ -19,15 +21,18 @@ class OptimizerEntry:
     help: str
 
     def builder(self):
-        module, function = self.build.split(":")
-        return getattr(importlib.import_module(module), function)
+        return resolve(self.build)
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "sgd": OptimizerEntry("hvd_imagenet.optimizers.sgd:build",
-                          "SGD with (Nesterov) momentum, no weight decay on BN/bias (Goyal et al. Sec. 5.1)"),
-    "lars": OptimizerEntry("hvd_imagenet.optimizers.lars:build",
-                           "LARS (You et al. 2017) as MLPerf's ResNet-50: a per-layer trust ratio; BN/bias skipped"),
+    "sgd": OptimizerEntry(
+        "hvd_imagenet.optimizers.sgd:build",
+        "SGD with (Nesterov) momentum, no weight decay on BN/bias (Goyal et al. Sec. 5.1)",
+    ),
+    "lars": OptimizerEntry(
+        "hvd_imagenet.optimizers.lars:build",
+        "LARS (You et al. 2017) as MLPerf's ResNet-50: a per-layer trust ratio; BN/bias skipped",
+    ),
 }
 
 

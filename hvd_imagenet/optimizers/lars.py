@@ -11,6 +11,7 @@ g is the gradient averaged over all ranks (Horovod's allreduce ran before step()
 rank computes the same update. Norms come from fused foreach kernels, the ratios stay on the device: no host
 synchronization. The momentum buffers are the optimizer's state_dict, so a checkpoint resumes LARS exactly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,10 +23,26 @@ class LARS(torch.optim.Optimizer):
     """Each param group has lr, momentum, nesterov, weight_decay, eta, epsilon and `adapt` (whether its
     tensors get the trust ratio and weight decay)."""
 
-    def __init__(self, param_groups, lr: float = 0.0, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 0.0, eta: float = 0.001, epsilon: float = 0.0, adapt: bool = True):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eta=eta,
-                        epsilon=epsilon, adapt=adapt)
+    def __init__(
+        self,
+        param_groups,
+        lr: float = 0.0,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        epsilon: float = 0.0,
+        adapt: bool = True,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            eta=eta,
+            epsilon=epsilon,
+            adapt=adapt,
+        )
         super().__init__(param_groups, defaults)
 
     @torch.no_grad()
@@ -42,8 +59,9 @@ class LARS(torch.optim.Optimizer):
             decay = group["weight_decay"]
             w_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(grads))
-            ratio = torch.where((w_norm > 0) & (g_norm > 0),
-                                group["eta"] * w_norm / (g_norm + decay * w_norm + group["epsilon"]), 1.0)
+            ratio = torch.where(
+                (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / (g_norm + decay * w_norm + group["epsilon"]), 1.0
+            )
             steps = torch._foreach_add(grads, params, alpha=decay)  # g + lambda w: new tensors, .grad untouched
             torch._foreach_mul_(steps, (lr * ratio).unbind())  # one 0-d device scalar per tensor: no host copy
         else:
@@ -66,5 +84,6 @@ def build(config, model: torch.nn.Module) -> LARS:
     (with --bn-weight-decay every tensor is in the first group, so adapted)."""
     weights, bn_and_biases = parameter_groups(model, config.weight_decay, config.bn_weight_decay)
     groups = [{**weights, "adapt": True}, {**bn_and_biases, "adapt": False}]
-    return LARS(groups, momentum=config.momentum, nesterov=config.nesterov, eta=config.lars_eta,
-                epsilon=config.lars_epsilon)
+    return LARS(
+        groups, momentum=config.momentum, nesterov=config.nesterov, eta=config.lars_eta, epsilon=config.lars_epsilon
+    )

@@ -1,5 +1,6 @@
 """--preset beyond's part of study.md: each recipe's maximum effective minibatch (fig1's rule), the gradient noise
 scale of the baseline run beside fig1's measured limit, and val error vs kn per recipe (beyond.png)."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from .grid import RECIPES, Scale, global_batch
-from .report import EFFECTIVE_WITHIN, Outcome, _pyplot, max_effective_kn, std
+from .outcomes import EFFECTIVE_WITHIN, Outcome, max_effective_kn, pyplot, std
 
 PLOT = "beyond.png"
 COLORS = ("tab:blue", "tab:red", "tab:green")  # one per recipe
@@ -43,21 +44,30 @@ def report_beyond(outcomes: list[Outcome], scale: Scale, output: Path) -> tuple[
     effective = {r: None if kn == smallest else kn for r, kn in effective.items()}  # none of the recipe's kn
     noise, limit = noise_per_epoch(baseline), fig1_limit(output)
     plot_beyond(outcomes, scale, effective, limit, output / PLOT)
-    found = {"max_effective_kn": effective, "baseline_noise_scale_per_epoch": noise, "fig1_max_effective_kn": limit,
-             "noise_scale_per_epoch": {o.setting.key: noise_per_epoch(o) for o in outcomes},
-             "max_effective_kn_rule": f"per recipe, the largest kn run with it and every smaller kn run within "
-                                      f"{EFFECTIVE_WITHIN:g} point of the baseline's mean val error (null: none)"}
+    found = {
+        "max_effective_kn": effective,
+        "baseline_noise_scale_per_epoch": noise,
+        "fig1_max_effective_kn": limit,
+        "noise_scale_per_epoch": {o.setting.key: noise_per_epoch(o) for o in outcomes},
+        "max_effective_kn_rule": f"per recipe, the largest kn run with it and every smaller kn run within "
+        f"{EFFECTIVE_WITHIN:g} point of the baseline's mean val error (null: none)",
+    }
     low = min(global_batch(o.setting, scale) for o in outcomes[1:])
-    lines = "\n".join(f"| {r} | {RECIPES[r].name} | {effective[r] or f'below {low} (none of its kn)'} |"
-                      for r in RECIPES)
+    lines = "\n".join(
+        f"| {r} | {RECIPES[r].name} | {effective[r] or f'below {low} (none of its kn)'} |" for r in RECIPES
+    )
     small = global_batch(baseline.setting, scale)
     epochs = ", ".join("-" if value is None else f"{value:.0f}" for value in noise)
-    noise_text = (f"The baseline run's gradient noise scale B_simple (McCandlish et al. 2018), per epoch, mean over "
-                  f"its seeds: {epochs} images (from B_small = {small // 2}, B_big = {small}; \"-\": |G|^2 came out "
-                  f"<= 0 in every seed, the signal lost in the noise at these sizes). fig1 measured the maximum "
-                  f"effective minibatch at kn = {limit if limit else '(fig1 not beside this study)'}. Each row's "
-                  "estimate per epoch is in results.json (`noise_scale_per_epoch`).")
-    return found, f"""
+    noise_text = (
+        f"The baseline run's gradient noise scale B_simple (McCandlish et al. 2018), per epoch, mean over "
+        f'its seeds: {epochs} images (from B_small = {small // 2}, B_big = {small}; "-": |G|^2 came out '
+        f"<= 0 in every seed, the signal lost in the noise at these sizes). fig1 measured the maximum "
+        f"effective minibatch at kn = {limit if limit else '(fig1 not beside this study)'}. Each row's "
+        "estimate per epoch is in results.json (`noise_scale_per_epoch`)."
+    )
+    return (
+        found,
+        f"""
 ## Past the limit: each recipe's maximum effective minibatch
 
 | recipe | what | maximum effective kn |
@@ -71,13 +81,15 @@ was not run again: fig1 found them within the point with the paper's SGD).
 {noise_text}
 
 ![val error vs kn per recipe]({PLOT})
-""", PLOT
+""",
+        PLOT,
+    )
 
 
 def plot_beyond(outcomes: list[Outcome], scale: Scale, effective: dict, limit: int | None, path: Path) -> None:
     """Left: val error vs kn per recipe, mean ± std over seeds, the baseline's +1 point band. Right: the noise
     scale per epoch of the baseline and of each recipe's smallest kn, against fig1's limit."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
     figure, (errors, scales) = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -85,12 +97,23 @@ def plot_beyond(outcomes: list[Outcome], scale: Scale, effective: dict, limit: i
     for recipe, color in zip(RECIPES, COLORS):
         rows = [o for o in recipe_rows(outcomes, recipe) if o.errors]
         if rows:
-            errors.errorbar([global_batch(o.setting, scale) for o in rows], [statistics.mean(o.errors) for o in rows],
-                            yerr=[std(o.errors) or 0.0 for o in rows], marker="o", capsize=3, color=color,
-                            label=f"{recipe} (max effective kn {effective[recipe] or '-'})")
+            errors.errorbar(
+                [global_batch(o.setting, scale) for o in rows],
+                [statistics.mean(o.errors) for o in rows],
+                yerr=[std(o.errors) or 0.0 for o in rows],
+                marker="o",
+                capsize=3,
+                color=color,
+                label=f"{recipe} (max effective kn {effective[recipe] or '-'})",
+            )
     if base is not None:
-        errors.axhspan(base, base + EFFECTIVE_WITHIN, color="tab:gray", alpha=0.2,
-                       label=f"baseline (kn={global_batch(outcomes[0].setting, scale)}) + {EFFECTIVE_WITHIN:g} point")
+        errors.axhspan(
+            base,
+            base + EFFECTIVE_WITHIN,
+            color="tab:gray",
+            alpha=0.2,
+            label=f"baseline (kn={global_batch(outcomes[0].setting, scale)}) + {EFFECTIVE_WITHIN:g} point",
+        )
     errors.set_xscale("log", base=2)
     kns = sorted({global_batch(o.setting, scale) for o in outcomes[1:]})
     errors.set_xticks(kns, [str(kn) for kn in kns])
@@ -98,8 +121,9 @@ def plot_beyond(outcomes: list[Outcome], scale: Scale, effective: dict, limit: i
     errors.set_ylabel("top-1 val error %")
     errors.grid(True, alpha=0.3)
     errors.legend(fontsize=8)
-    series = [(outcomes[0], "tab:gray")] + [(rows[0], color) for rows, color in
-                                           ((recipe_rows(outcomes, r), c) for r, c in zip(RECIPES, COLORS)) if rows]
+    series = [(outcomes[0], "tab:gray")] + [
+        (rows[0], color) for rows, color in ((recipe_rows(outcomes, r), c) for r, c in zip(RECIPES, COLORS)) if rows
+    ]
     for outcome, color in series:
         shown = [(epoch, value) for epoch, value in enumerate(noise_per_epoch(outcome), start=1) if value]
         if shown:

@@ -21,11 +21,13 @@ recipe with SGD at the paper's lr, which separates the optimizer from the rest. 
 at the largest kn, where a recipe that fails anywhere fails, so that a failure is not a bad lr. Every run
 measures the gradient noise scale (two passes per step: B_small = kn / 2).
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import UserError
@@ -43,22 +45,25 @@ class Scale:
     small_workers: int = opt("k of the small kn (the paper's 8): ranks x virtual workers per pass", 2, min=1)
     batch_size: int = opt("n: images per (virtual) worker per step, each with its own BN statistics", 4, min=1)
     large_factor: int = opt("table1, table2a: large kn / small kn (the paper's 8k / 256 = 32)", 32, min=1)
-    max_factor: int = opt("fig1: the sweep's largest kn / small kn; kn doubles from the small kn up to it", 128,
-                          min=2)
+    max_factor: int = opt("fig1: the sweep's largest kn / small kn; kn doubles from the small kn up to it", 128, min=2)
     eta: float = opt("the small kn's lr (the paper's eta = 0.1 for kn = 256)", 0.02, above=0)
-    epochs: int = opt("epochs per run (0: the preset's); warmup and lr steps keep the paper's fractions of 90", 0,
-                      min=0)
+    epochs: int = opt(
+        "epochs per run (0: the preset's); warmup and lr steps keep the paper's fractions of 90", 0, min=0
+    )
     arch: str = opt("model (any `train --arch`)", "cifar_resnet14")
     image_size: int = opt("training crop and val center crop, px", 16, min=1)
     val_resize: int = opt("val: shorter side resized to this, then center crop", 18, min=1)
-    min_crop_area: float = opt("scale augmentation's smallest crop (a digit needs most of itself to be told)", 0.5,
-                               above=0, max=1)
+    min_crop_area: float = opt(
+        "scale augmentation's smallest crop (a digit needs most of itself to be told)", 0.5, above=0, max=1
+    )
 
     def __post_init__(self):
         check(self)
         if self.small_workers % self.ranks:
-            raise UserError(f"--small-workers {self.small_workers} must be a multiple of --ranks {self.ranks}: "
-                            "each rank runs the same number of virtual workers")
+            raise UserError(
+                f"--small-workers {self.small_workers} must be a multiple of --ranks {self.ranks}: "
+                "each rank runs the same number of virtual workers"
+            )
 
     @property
     def small_kn(self) -> int:
@@ -84,11 +89,24 @@ MLPERF_LR, MLPERF_BATCH, MLPERF_END_LR = 11.0, 3200, 1e-4  # NVIDIA's v4.0 8x8x5
 PAPER_ETA = 0.1  # for kn = 256 (Sec. 2.1)
 RECIPES = {
     "sgd": Recipe("SGD, linear rule, gradual warmup, steps (the paper's)"),
-    "lars": Recipe("LARS, label smoothing 0.1, linear warmup, poly 2 (MLPerf's)", optimizer="lars",
-                   label_smoothing=0.1, lr_schedule="poly", warmup="linear", lr="mlperf", weight_decay=5e-5,
-                   nesterov=False),
-    "sgd-poly": Recipe("SGD, label smoothing 0.1, linear warmup, poly 2 (MLPerf's, SGD at the paper's lr)",
-                       label_smoothing=0.1, lr_schedule="poly", warmup="linear", weight_decay=5e-5, nesterov=False),
+    "lars": Recipe(
+        "LARS, label smoothing 0.1, linear warmup, poly 2 (MLPerf's)",
+        optimizer="lars",
+        label_smoothing=0.1,
+        lr_schedule="poly",
+        warmup="linear",
+        lr="mlperf",
+        weight_decay=5e-5,
+        nesterov=False,
+    ),
+    "sgd-poly": Recipe(
+        "SGD, label smoothing 0.1, linear warmup, poly 2 (MLPerf's, SGD at the paper's lr)",
+        label_smoothing=0.1,
+        lr_schedule="poly",
+        warmup="linear",
+        weight_decay=5e-5,
+        nesterov=False,
+    ),
 }
 
 
@@ -122,25 +140,29 @@ BASELINE = Setting("small", paper="23.60 ± 0.12")
 
 def table1(scale: Scale) -> tuple[Setting, ...]:
     large = scale.large_factor
-    return (BASELINE,
-            Setting("large-no-warmup", large, paper="24.84 ± 0.37"),
-            Setting("large-constant-warmup", large, warmup="constant", paper="25.88 ± 0.56"),
-            Setting("large-gradual-warmup", large, warmup="gradual", paper="23.74 ± 0.09"))
+    return (
+        BASELINE,
+        Setting("large-no-warmup", large, paper="24.84 ± 0.37"),
+        Setting("large-constant-warmup", large, warmup="constant", paper="25.88 ± 0.56"),
+        Setting("large-gradual-warmup", large, warmup="gradual", paper="23.74 ± 0.09"),
+    )
 
 
 def table2a(scale: Scale) -> tuple[Setting, ...]:
     large = scale.large_factor
-    return (BASELINE,
-            Setting("small-eta-x0.5", eta_factor=0.5, paper="23.92 ± 0.10"),
-            Setting("small-eta-x2", eta_factor=2.0, paper="23.68 ± 0.09"),
-            Setting("large-linear", large, warmup="gradual", paper="23.74 ± 0.09"),
-            Setting("large-unscaled", large, warmup="gradual", lr_scaling="none", paper="41.67 ± 0.10"),
-            Setting("large-sqrt", large, warmup="gradual", lr_scaling="sqrt", paper="26.22 ± 0.03"))
+    return (
+        BASELINE,
+        Setting("small-eta-x0.5", eta_factor=0.5, paper="23.92 ± 0.10"),
+        Setting("small-eta-x2", eta_factor=2.0, paper="23.68 ± 0.09"),
+        Setting("large-linear", large, warmup="gradual", paper="23.74 ± 0.09"),
+        Setting("large-unscaled", large, warmup="gradual", lr_scaling="none", paper="41.67 ± 0.10"),
+        Setting("large-sqrt", large, warmup="gradual", lr_scaling="sqrt", paper="26.22 ± 0.03"),
+    )
 
 
 def fig1(scale: Scale) -> tuple[Setting, ...]:
     """kn doubling from the small kn, linear rule and gradual warmup (the paper: 64 to 64k; flat up to 8k)."""
-    factors = [2 ** i for i in range(1, scale.max_factor.bit_length()) if 2 ** i <= scale.max_factor]
+    factors = [2**i for i in range(1, scale.max_factor.bit_length()) if 2**i <= scale.max_factor]
     return (BASELINE, *(Setting(f"x{f}", f, warmup="gradual") for f in factors))
 
 
@@ -156,14 +178,22 @@ def beyond(scale: Scale) -> tuple[Setting, ...]:
     largest kn."""
     factors = [scale.large_factor * f for f in BEYOND_FACTORS]
     grid = [Setting(f"beyond-{r}-x{f}", f, warmup=RECIPES[r].warmup, recipe=r) for r in RECIPES for f in factors]
-    sweep = [Setting(f"beyond-{r}-x{factors[-1]}-lr{m:g}", factors[-1], warmup=RECIPES[r].warmup, recipe=r,
-                     eta_factor=m) for r in RECIPES for m in (0.5, 2.0)]
+    sweep = [
+        Setting(f"beyond-{r}-x{factors[-1]}-lr{m:g}", factors[-1], warmup=RECIPES[r].warmup, recipe=r, eta_factor=m)
+        for r in RECIPES
+        for m in (0.5, 2.0)
+    ]
     return (Setting("beyond-sgd-x1", paper="23.60 ± 0.12"), *grid, *sweep)
 
 
 # name -> (its settings, the baseline first; its default epochs)
 PRESETS: dict[str, tuple[Callable[[Scale], tuple[Setting, ...]], int]] = {
-    "table1": (table1, 9), "table2a": (table2a, 9), "fig1": (fig1, 9), "quick": (quick, 3), "beyond": (beyond, 9)}
+    "table1": (table1, 9),
+    "table2a": (table2a, 9),
+    "fig1": (fig1, 9),
+    "quick": (quick, 3),
+    "beyond": (beyond, 9),
+}
 
 
 def resolve(preset: str, scale: Scale) -> tuple[tuple[Setting, ...], Scale]:
@@ -189,9 +219,16 @@ def lr_policy(setting: Setting, scale: Scale) -> LRPolicy:
     base_lr, ref_batch, rule = scale.eta, scale.small_kn, setting.lr_scaling
     if recipe.lr == "mlperf":
         base_lr, ref_batch, rule = MLPERF_LR * scale.eta / PAPER_ETA, MLPERF_BATCH * scale.small_kn / 256, "sqrt"
-    return LRPolicy(base_lr=setting.eta_factor * base_lr, ref_batch=round(ref_batch), lr_scaling=rule,
-                    warmup=setting.warmup, warmup_epochs=PAPER_WARMUP * fraction, lr_schedule=recipe.lr_schedule,
-                    lr_steps=steps, end_lr=MLPERF_END_LR * scale.eta / PAPER_ETA)
+    return LRPolicy(
+        base_lr=setting.eta_factor * base_lr,
+        ref_batch=round(ref_batch),
+        lr_scaling=rule,
+        warmup=setting.warmup,
+        warmup_epochs=PAPER_WARMUP * fraction,
+        lr_schedule=recipe.lr_schedule,
+        lr_steps=steps,
+        end_lr=MLPERF_END_LR * scale.eta / PAPER_ETA,
+    )
 
 
 def global_batch(setting: Setting, scale: Scale) -> int:
@@ -209,11 +246,35 @@ def virtual_workers_per_pass(setting: Setting, scale: Scale) -> int:
 
 
 # The `train` flags a study run sets; the rest keep train's defaults.
-RUN_FLAGS = ("data", "output", "seed", "epochs", "arch", "image_size", "val_resize", "min_crop_area", "batch_size",
-             "virtual_workers_per_pass", "loader", "base_lr", "ref_batch", "lr_scaling", "warmup", "warmup_epochs",
-             "lr_steps", "keep_checkpoints")
-BEYOND_FLAGS = ("batches_per_allreduce", "optimizer", "label_smoothing", "lr_schedule", "end_lr", "weight_decay",
-                "nesterov")
+RUN_FLAGS = (
+    "data",
+    "output",
+    "seed",
+    "epochs",
+    "arch",
+    "image_size",
+    "val_resize",
+    "min_crop_area",
+    "batch_size",
+    "virtual_workers_per_pass",
+    "loader",
+    "base_lr",
+    "ref_batch",
+    "lr_scaling",
+    "warmup",
+    "warmup_epochs",
+    "lr_steps",
+    "keep_checkpoints",
+)
+BEYOND_FLAGS = (
+    "batches_per_allreduce",
+    "optimizer",
+    "label_smoothing",
+    "lr_schedule",
+    "end_lr",
+    "weight_decay",
+    "nesterov",
+)
 
 
 def train_config(setting: Setting, scale: Scale, seed: int, data: str, output: str) -> TrainConfig:
@@ -223,14 +284,27 @@ def train_config(setting: Setting, scale: Scale, seed: int, data: str, output: s
     # sizes for the noise scale's estimate (noise_scale.py)
     passes = 2 if beyond_run(setting) and virtual_workers_per_pass(setting, scale) % 2 == 0 else 1
     return TrainConfig(
-        data=data, output=output, seed=seed, epochs=scale.epochs, arch=scale.arch, image_size=scale.image_size,
-        val_resize=scale.val_resize, min_crop_area=scale.min_crop_area, batch_size=scale.batch_size,
+        data=data,
+        output=output,
+        seed=seed,
+        epochs=scale.epochs,
+        arch=scale.arch,
+        image_size=scale.image_size,
+        val_resize=scale.val_resize,
+        min_crop_area=scale.min_crop_area,
+        batch_size=scale.batch_size,
         # The k workers: each rank runs k / ranks of them in one forward/backward, BN over each n (Sec. 2.3).
-        virtual_workers_per_pass=virtual_workers_per_pass(setting, scale) // passes, batches_per_allreduce=passes,
-        lr=lr_policy(setting, scale), optimizer=recipe.optimizer, label_smoothing=recipe.label_smoothing,
-        weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
+        virtual_workers_per_pass=virtual_workers_per_pass(setting, scale) // passes,
+        batches_per_allreduce=passes,
+        lr=lr_policy(setting, scale),
+        optimizer=recipe.optimizer,
+        label_smoothing=recipe.label_smoothing,
+        weight_decay=recipe.weight_decay,
+        nesterov=recipe.nesterov,
         # A small data set decoded once into RAM: on a CPU, per-image decoding would cost more than the step.
-        loader="memory", keep_checkpoints=1)
+        loader="memory",
+        keep_checkpoints=1,
+    )
 
 
 def beyond_run(setting: Setting) -> bool:
@@ -251,3 +325,20 @@ def train_args(setting: Setting, scale: Scale, seed: int, data: str, output: str
 def peak(setting: Setting, scale: Scale) -> float:
     """The lr after warmup (the table's eta column)."""
     return peak_lr(lr_policy(setting, scale), global_batch(setting, scale))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One `train` job of a study: a setting and a seed, in its own directory under OUTPUT/runs."""
+
+    setting: Setting
+    seed: int
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+
+def plan(settings: tuple[Setting, ...], seeds: int, output: Path) -> list[Run]:
+    return [Run(s, seed, output / "runs" / f"{s.key}-seed{seed}") for seed in range(seeds) for s in settings]

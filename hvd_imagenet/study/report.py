@@ -1,68 +1,48 @@
-"""study.md, results.json and the plots of a finished study, from its runs' metrics.jsonl and config.json.
+"""study.md, results.json and the plots of a finished study, from its runs' metrics.jsonl and config.json
+(outcomes.py: a run's error, a row's mean ± std; beyond.py: the beyond preset's own section)."""
 
-The error of a run is the paper's: the median of the top-1 val error of its last epochs, 5 of 90 in the paper
-(Sec. 5.1), the same fraction of a study's epochs here (at least 1: the last epoch of a 9-epoch run);
-a row is mean ± std over its seeds (sample std, ddof=1), as the paper's tables are over 5 runs.
-"""
 from __future__ import annotations
 
 import json
 import platform
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cpus import available_cpus
-from ..errors import Diverged, UserError
-from ..metrics import read_metrics
+from ..errors import UserError
 from ..schedule import lr_at
-from .grid import PAPER_EPOCHS, Scale, Setting, global_batch, lr_policy, peak, virtual_workers_per_pass
-from .run import Run
+from .beyond import report_beyond
+from .grid import Run, Scale, Setting, global_batch, lr_policy, peak, virtual_workers_per_pass
+from .outcomes import (
+    EFFECTIVE_WITHIN,
+    Outcome,
+    collect,
+    final_epochs,
+    max_effective_kn,
+    mean_curve,
+    mean_std,
+    pyplot,
+    std,
+)
 
-PAPER_FINAL_EPOCHS = 5  # of PAPER_EPOCHS: the paper's error is the median of these epochs' (Sec. 5.1)
-COLUMNS = ("setting", "kn", "workers", "peak lr", "lr rule", "warmup", "steps", "seeds", "val error %", "gap",
-           "train err %", "curve gap", "paper")  # study.md's table
+COLUMNS = (
+    "setting",
+    "kn",
+    "workers",
+    "peak lr",
+    "lr rule",
+    "warmup",
+    "steps",
+    "seeds",
+    "val error %",
+    "gap",
+    "train err %",
+    "curve gap",
+    "paper",
+)  # study.md's table
 PLOTS = ("training_error.png", "lr_schedule.png")
 FIG1_PLOT = "val_error_vs_kn.png"
 PANELS_PER_LINE = 4  # training_error.png: one panel per row after the baseline
-EFFECTIVE_WITHIN = 1.0  # points of val error from the baseline: the maximum effective minibatch's criterion
-
-
-@dataclass
-class Outcome:
-    """One setting over its seeds."""
-
-    setting: Setting
-    errors: list[float] = field(default_factory=list)  # final top-1 val error %, one per finished seed
-    diverged: int = 0  # seeds whose run stopped on NaN/inf gradients
-    train_curves: list[list[float]] = field(default_factory=list)  # training error % per epoch, per seed
-    train_final: list[float] = field(default_factory=list)
-    noise_curves: list[list[float | None]] = field(default_factory=list)  # B_simple per epoch, per seed
-    steps_per_epoch: int = 0
-    seconds: float = 0.0  # training time of all seeds
-
-    def summary(self) -> str:
-        """'1.95 ± 0.21' (or '1.95' for one seed), and how many seeds diverged."""
-        text = mean_std(self.errors) if self.errors else "-"
-        return text + (f" ({self.diverged} diverged)" if self.diverged else "")
-
-    def steps(self, epochs: int) -> str:
-        return str(self.steps_per_epoch * epochs) if self.steps_per_epoch else "-"
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
-def std(values: list[float]) -> float | None:
-    """Sample std (ddof=1), as the paper's ± (None for fewer than 2 values)."""
-    return statistics.stdev(values) if len(values) > 1 else None
-
-
-def mean_curve(curves: list[list[float]]) -> list[float]:
-    return [statistics.mean(epoch) for epoch in zip(*curves)]
 
 
 def curve_gap_after_warmup(outcome: Outcome, baseline: Outcome, warmup_epochs: float) -> float | None:
@@ -71,57 +51,19 @@ def curve_gap_after_warmup(outcome: Outcome, baseline: Outcome, warmup_epochs: f
     |this row's mean curve - the baseline's|, in points. None for the baseline, or without finished runs."""
     if outcome is baseline or not outcome.train_curves or not baseline.train_curves:
         return None
-    after = [abs(a - b) for epoch, (a, b) in enumerate(zip(mean_curve(outcome.train_curves),
-                                                           mean_curve(baseline.train_curves)), start=1)
-             if epoch > warmup_epochs]
+    after = [
+        abs(a - b)
+        for epoch, (a, b) in enumerate(
+            zip(mean_curve(outcome.train_curves), mean_curve(baseline.train_curves)), start=1
+        )
+        if epoch > warmup_epochs
+    ]
     return statistics.mean(after) if after else None
 
 
-def final_epochs(epochs: int) -> int:
-    """The last epochs whose val errors' median is a run's error: 5 of 90, in proportion, at least 1."""
-    return max(1, round(PAPER_FINAL_EPOCHS * epochs / PAPER_EPOCHS))
-
-
-def final_error(records: list[dict]) -> float:
-    evaluated = [r for r in records if r.get("val_top1") is not None]  # every epoch unless --eval-every
-    return statistics.median(100 - r["val_top1"] for r in evaluated[-final_epochs(len(records)):])
-
-
-def collect(runs: list[Run], settings: tuple[Setting, ...], epochs: int) -> list[Outcome]:
-    outcomes = {s.key: Outcome(s) for s in settings}
-    for run in runs:
-        outcome = outcomes[run.setting.key]
-        records = read_metrics(run.directory)
-        config_path = run.directory / "config.json"
-        if config_path.exists():
-            outcome.steps_per_epoch = json.loads(config_path.read_text())["steps_per_epoch"]
-        outcome.seconds += sum(r["epoch_seconds"] for r in records)
-        if (run.directory / Diverged.RECORD_FILE).exists():
-            outcome.diverged += 1
-        elif len(records) >= epochs:
-            outcome.errors.append(final_error(records[:epochs]))
-            outcome.train_curves.append([100 - r["train_top1"] for r in records[:epochs]])
-            outcome.train_final.append(outcome.train_curves[-1][-1])
-            outcome.noise_curves.append([r.get("noise_scale") for r in records[:epochs]])
-    return list(outcomes.values())
-
-
-def max_effective_kn(outcomes: list[Outcome], scale: Scale) -> int | None:
-    """Fig. 1's maximum effective minibatch: the largest kn such that it and every kn below it train to a mean
-    val error within EFFECTIVE_WITHIN points of the baseline's (None without a finished baseline)."""
-    baseline = outcomes[0]
-    if not baseline.errors:
-        return None
-    best = global_batch(baseline.setting, scale)
-    for outcome in sorted(outcomes[1:], key=lambda o: o.setting.factor):
-        if not outcome.errors or statistics.mean(outcome.errors) > statistics.mean(baseline.errors) + EFFECTIVE_WITHIN:
-            break
-        best = global_batch(outcome.setting, scale)
-    return best
-
-
-def write_report(runs: list[Run], settings: tuple[Setting, ...], scale: Scale, preset: str, command: str,
-                 output: Path) -> list[Path]:
+def write_report(
+    runs: list[Run], settings: tuple[Setting, ...], scale: Scale, preset: str, command: str, output: Path
+) -> list[Path]:
     """Write study.md, results.json and PLOTS (and fig1's plot) into output; returns their paths."""
     outcomes = collect(runs, settings, scale.epochs)
     if not any(o.errors for o in outcomes):
@@ -136,21 +78,24 @@ def write_report(runs: list[Run], settings: tuple[Setting, ...], scale: Scale, p
         plots.append(FIG1_PLOT)
     seeds = max(r.seed for r in runs) + 1
     results = {
-        "preset": preset, "command": command, "scale": scale.__dict__, "seeds": seeds,
+        "preset": preset,
+        "command": command,
+        "scale": scale.__dict__,
+        "seeds": seeds,
         "error": f"median top-1 val error % of the last {final_epochs(scale.epochs)} epoch(s) (the paper's 5 of 90 "
-                 "in proportion), per seed; mean and sample std over the seeds that finished",
+        "in proportion), per seed; mean and sample std over the seeds that finished",
         "train_curve_gap": "mean |row - baseline| of the mean training-error curves over the epochs after warmup, "
-                           "points (Fig. 2-4)",
+        "points (Fig. 2-4)",
         "rows": [row(o, outcomes[0], scale) for o in outcomes],
     }
     if preset == "fig1":
         results["max_effective_kn"] = effective
-        results["max_effective_kn_rule"] = (f"the largest kn with it and every smaller kn within {EFFECTIVE_WITHIN:g} "
-                                            "point of the baseline's mean val error")
+        results["max_effective_kn_rule"] = (
+            f"the largest kn with it and every smaller kn within {EFFECTIVE_WITHIN:g} "
+            "point of the baseline's mean val error"
+        )
     extra = fig1_section(effective)
     if preset == "beyond":
-        from .beyond import report_beyond
-
         found, extra, plot = report_beyond(outcomes, scale, output)
         results.update(found)
         plots.append(plot)
@@ -163,14 +108,23 @@ def row(outcome: Outcome, baseline: Outcome, scale: Scale) -> dict:
     """One row of results.json: the setting, its seeds' errors and their mean ± std."""
     s, errors = outcome.setting, outcome.errors
     return {
-        "key": s.key, "label": s.label(scale), "kn": global_batch(s, scale), "peak_lr": peak(s, scale),
-        "lr_scaling": lr_policy(s, scale).lr_scaling, "warmup": s.warmup, "seeds": len(errors),
+        "key": s.key,
+        "label": s.label(scale),
+        "kn": global_batch(s, scale),
+        "peak_lr": peak(s, scale),
+        "lr_scaling": lr_policy(s, scale).lr_scaling,
+        "warmup": s.warmup,
+        "seeds": len(errors),
         "diverged": outcome.diverged,
         "steps": outcome.steps_per_epoch * scale.epochs,
-        "val_error_mean": statistics.mean(errors) if errors else None, "val_error_std": std(errors),
+        "val_error_mean": statistics.mean(errors) if errors else None,
+        "val_error_std": std(errors),
         "train_error_mean": statistics.mean(outcome.train_final) if outcome.train_final else None,
         "train_curve_gap": curve_gap_after_warmup(outcome, baseline, lr_policy(s, scale).warmup_epochs),
-        "val_error": errors, "train_error": outcome.train_final, "paper": s.paper, "train_seconds": outcome.seconds,
+        "val_error": errors,
+        "train_error": outcome.train_final,
+        "paper": s.paper,
+        "train_seconds": outcome.seconds,
     }
 
 
@@ -179,15 +133,20 @@ def markdown(outcomes: list[Outcome], scale: Scale, preset: str, command: str, s
     rows = []
     for o in outcomes:
         s = o.setting
-        gap = (f"{statistics.mean(o.errors) - statistics.mean(baseline.errors):+.2f}"
-               if o is not baseline and o.errors and baseline.errors else "")
+        gap = (
+            f"{statistics.mean(o.errors) - statistics.mean(baseline.errors):+.2f}"
+            if o is not baseline and o.errors and baseline.errors
+            else ""
+        )
         k = f"{scale.ranks} x {virtual_workers_per_pass(s, scale)}"
         policy = lr_policy(s, scale)
         curve = curve_gap_after_warmup(o, baseline, policy.warmup_epochs)
-        rows.append(f"| {s.label(scale)} | {global_batch(s, scale)} | {k} | {peak(s, scale):.4g} | "
-                    f"{policy.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | "
-                    f"**{o.summary()}** | {gap} | {mean_std(o.train_final) if o.train_final else '-'} | "
-                    f"{'' if curve is None else f'{curve:.2f}'} | {s.paper} |")
+        rows.append(
+            f"| {s.label(scale)} | {global_batch(s, scale)} | {k} | {peak(s, scale):.4g} | "
+            f"{policy.lr_scaling} | {s.warmup} | {o.steps(scale.epochs)} | {len(o.errors)} | "
+            f"**{o.summary()}** | {gap} | {mean_std(o.train_final) if o.train_final else '-'} | "
+            f"{'' if curve is None else f'{curve:.2f}'} | {s.paper} |"
+        )
     hours = sum(o.seconds for o in outcomes) / 3600
     policy = lr_policy(baseline.setting, scale)
     return f"""# Study `{preset}`: large minibatch vs small, at small scale
@@ -245,7 +204,7 @@ every kn); the band is the baseline's error + {EFFECTIVE_WITHIN:g} point.
 
 def plot_val_error_vs_kn(outcomes: list[Outcome], scale: Scale, effective: int | None, path: Path) -> None:
     """The paper's Fig. 1: error vs kn, mean ± std over seeds, the baseline's +1 point band, the limit marked."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, ax = plt.subplots(figsize=(6.5, 4))
     done = [o for o in outcomes if o.errors]
     kns = [global_batch(o.setting, scale) for o in done]
@@ -254,8 +213,9 @@ def plot_val_error_vs_kn(outcomes: list[Outcome], scale: Scale, effective: int |
     ax.errorbar(kns, means, yerr=stds, marker="o", capsize=3, color="tab:blue", label="mean ± std over seeds")
     if outcomes[0].errors:
         base = statistics.mean(outcomes[0].errors)
-        ax.axhspan(base, base + EFFECTIVE_WITHIN, color="tab:green", alpha=0.15,
-                   label=f"baseline + {EFFECTIVE_WITHIN:g} point")
+        ax.axhspan(
+            base, base + EFFECTIVE_WITHIN, color="tab:green", alpha=0.15, label=f"baseline + {EFFECTIVE_WITHIN:g} point"
+        )
     if effective:
         ax.axvline(effective, color="tab:red", linestyle="--", label=f"maximum effective kn = {effective}")
     ax.set_xscale("log", base=2)
@@ -267,17 +227,6 @@ def plot_val_error_vs_kn(outcomes: list[Outcome], scale: Scale, effective: int |
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("study plots need matplotlib: pip install 'hvd_imagenet[study]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def log_axis(ax) -> None:
@@ -295,7 +244,7 @@ def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> No
     """One panel per row after the baseline, each against the baseline (the layout of the paper's Fig. 2)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     baseline, others = outcomes[0], outcomes[1:] or outcomes[:1]
     columns = min(len(others), PANELS_PER_LINE)
     lines = -(-len(others) // columns)
@@ -310,7 +259,7 @@ def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> No
         ax.plot(epochs, mean, color=color, label=f"{outcome.setting.label(scale)}: {outcome.summary()}%")
         ax.fill_between(epochs, np.maximum(mean - std, 1e-2), mean + std, color=color, alpha=0.2)
 
-    for ax in axes.flat[len(others):]:
+    for ax in axes.flat[len(others) :]:
         ax.set_visible(False)
     for ax, outcome in zip(axes.flat, others):
         draw(ax, baseline, "tab:blue")
@@ -329,7 +278,7 @@ def plot_training_error(outcomes: list[Outcome], scale: Scale, path: Path) -> No
 
 
 def plot_lr_schedules(outcomes: list[Outcome], scale: Scale, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, (whole, start) = plt.subplots(1, 2, figsize=(11, 4))
     warmup_end = lr_policy(outcomes[0].setting, scale).warmup_epochs
     for outcome in outcomes:
@@ -342,8 +291,13 @@ def plot_lr_schedules(outcomes: list[Outcome], scale: Scale, path: Path) -> None
         label = outcome.setting.label(scale)
         whole.plot(epochs, lrs, label=label, drawstyle="steps-post")
         first = [i for i, e in enumerate(epochs) if e < max(3 * warmup_end, 1.0)]
-        start.plot([epochs[i] for i in first], [lrs[i] for i in first], label=label, drawstyle="steps-post",
-                   marker="." if steps < 20 else None)
+        start.plot(
+            [epochs[i] for i in first],
+            [lrs[i] for i in first],
+            label=label,
+            drawstyle="steps-post",
+            marker="." if steps < 20 else None,
+        )
     log_axis(whole)
     whole.set_title("the whole run", fontsize=10)
     start.set_title("the first epochs: warmup", fontsize=10)

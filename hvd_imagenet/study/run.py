@@ -5,6 +5,7 @@ Each run writes runs/<key>-seed<s>/ (its config.json, metrics.jsonl, a checkpoin
 finished is not run again, and one that was cut short resumes from its checkpoint: an interrupted study picks
 up where it stopped when the same command is given again.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,28 +22,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data import check_data
+from ..data.loaders import check_data
 from ..errors import Diverged, UserError
 from ..flags import Command, check, opt
 from ..metrics import read_metrics
-from .grid import PRESETS, Scale, Setting, lr_sweep, resolve, train_args
+from . import report
+from .grid import PRESETS, Run, Scale, lr_sweep, plan, resolve, train_args
 
 LOG_NAME = "train.log"
-
-
-@dataclass(frozen=True)
-class Run:
-    setting: Setting
-    seed: int
-    directory: Path
-
-    @property
-    def name(self) -> str:
-        return self.directory.name
-
-
-def plan(settings: tuple[Setting, ...], seeds: int, output: Path) -> list[Run]:
-    return [Run(s, seed, output / "runs" / f"{s.key}-seed{seed}") for seed in range(seeds) for s in settings]
 
 
 def finished(run: Run, epochs: int) -> bool:
@@ -65,7 +52,7 @@ def cpu_sets(parallel: int, ranks: int) -> list[list[int]]:
     if count > len(cpus):
         raise UserError(f"study: --parallel {count} is more runs than this process's {len(cpus)} CPUs")
     share = len(cpus) // count
-    return [cpus[i * share:(i + 1) * share] for i in range(count)]
+    return [cpus[i * share : (i + 1) * share] for i in range(count)]
 
 
 def launch(run: Run, scale: Scale, data: Path, cpus: list[int] | None) -> int:
@@ -73,9 +60,21 @@ def launch(run: Run, scale: Scale, data: Path, cpus: list[int] | None) -> int:
     train.log. The exit status."""
     run.directory.mkdir(parents=True, exist_ok=True)
     pin = ["taskset", "--cpu-list", ",".join(map(str, cpus))] if cpus else []
-    command = [*pin, horovodrun(), "-np", str(scale.ranks), "-H", f"localhost:{scale.ranks}", "--gloo",
-               sys.executable, "-m", "hvd_imagenet.cli", "train",
-               *train_args(run.setting, scale, run.seed, str(data), str(run.directory)), "--resume"]
+    command = [
+        *pin,
+        horovodrun(),
+        "-np",
+        str(scale.ranks),
+        "-H",
+        f"localhost:{scale.ranks}",
+        "--gloo",
+        sys.executable,
+        "-m",
+        "hvd_imagenet.cli",
+        "train",
+        *train_args(run.setting, scale, run.seed, str(data), str(run.directory)),
+        "--resume",
+    ]
     with open(run.directory / LOG_NAME, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -96,8 +95,10 @@ def outcome_line(run: Run, scale: Scale, status: int, seconds: float) -> str:
     if (run.directory / Diverged.RECORD_FILE).exists():  # a result, not a failure: the table shows it
         return "diverged (NaN/inf gradients)"
     if status != 0:
-        raise UserError(f"study: run {run.name} failed (exit {status}) after {seconds:.0f} s; {why_it_failed(run)}"
-                        "\nGive the same command again to resume the study")
+        raise UserError(
+            f"study: run {run.name} failed (exit {status}) after {seconds:.0f} s; {why_it_failed(run)}"
+            "\nGive the same command again to resume the study"
+        )
     last = read_metrics(run.directory)[-1]
     return f"val top-1 error {100 - last['val_top1']:.2f}% after epoch {last['epoch']}"
 
@@ -108,16 +109,20 @@ def run_all(runs: list[Run], scale: Scale, data: Path, parallel: int = 0) -> Non
     runs and a line as each starts and ends. A failed run stops the study (no other starts; those under way
     finish) with its log's reason."""
     check_data(data)
-    todo = sorted((run for run in runs if not finished(run, scale.epochs)),
-                  key=lambda r: (lr_sweep(r.setting), r.setting.factor))
+    todo = sorted(
+        (run for run in runs if not finished(run, scale.epochs)), key=lambda r: (lr_sweep(r.setting), r.setting.factor)
+    )
     if len(todo) < len(runs):
         print(f"study: {len(runs) - len(todo)} of {len(runs)} runs finished earlier; running the other {len(todo)}")
     sets = cpu_sets(parallel, scale.ranks)
     free = queue.Queue()
     for cpus in sets:
         free.put(cpus if len(sets) > 1 else None)
-    print(f"study: {len(sets)} run(s) at a time, {scale.ranks} rank(s) each; each run's log: "
-          f"{runs[0].directory.parent}/<run>/{LOG_NAME}", flush=True)
+    print(
+        f"study: {len(sets)} run(s) at a time, {scale.ranks} rank(s) each; each run's log: "
+        f"{runs[0].directory.parent}/<run>/{LOG_NAME}",
+        flush=True,
+    )
 
     failed = threading.Event()  # a run failed: start no other (the study stops once the runs under way end)
 
@@ -132,8 +137,11 @@ def run_all(runs: list[Run], scale: Scale, data: Path, parallel: int = 0) -> Non
             start = time.perf_counter()
             status = launch(run, scale, data, cpus)
             seconds = time.perf_counter() - start
-            tqdm.write(f"study: {run.name} ({run.setting.label(scale)}): "
-                       f"{outcome_line(run, scale, status, seconds)}, {seconds:.0f} s", file=sys.stdout)
+            tqdm.write(
+                f"study: {run.name} ({run.setting.label(scale)}): "
+                f"{outcome_line(run, scale, status, seconds)}, {seconds:.0f} s",
+                file=sys.stdout,
+            )
         except BaseException:
             failed.set()
             raise
@@ -155,14 +163,21 @@ def run_all(runs: list[Run], scale: Scale, data: Path, parallel: int = 0) -> Non
 
 def write_plan(runs: list[Run], scale: Scale, preset: str, command: str, output: Path) -> None:
     """study.json: what was asked (re-running the same study must not mix grids)."""
-    record = {"preset": preset, "scale": scale.__dict__, "seeds": max(r.seed for r in runs) + 1,
-              "runs": [r.name for r in runs], "command": command}
+    record = {
+        "preset": preset,
+        "scale": scale.__dict__,
+        "seeds": max(r.seed for r in runs) + 1,
+        "runs": [r.name for r in runs],
+        "command": command,
+    }
     path = output / "study.json"
     if path.exists():
         before = json.loads(path.read_text())
         if (before["preset"], before["scale"]) != (preset, record["scale"]):
-            raise UserError(f"{output} holds a study with preset {before['preset']} and scale {before['scale']}; "
-                            "choose a new --output")
+            raise UserError(
+                f"{output} holds a study with preset {before['preset']} and scale {before['scale']}; "
+                "choose a new --output"
+            )
     output.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
 
@@ -171,11 +186,15 @@ def write_plan(runs: list[Run], scale: Scale, preset: str, command: str, output:
 class StudyOptions:
     data: str = opt("ImageNet-layout data set (make-dataset --kind cluttered-digits)")
     output: str = opt("study directory: study.md, *.png, runs/")
-    preset: str = opt("table1: no/constant/gradual warmup at large kn vs the small-kn baseline; table2a: lr scaling "
-                      "rules; fig1: val error vs kn, up to --max-factor x the small kn, and the largest kn within "
-                      "1 point of it; beyond: past fig1's limit, SGD vs MLPerf's recipe (LARS) vs that recipe with "
-                      "SGD at kn = 32x to 256x, with the gradient noise scale; quick: baseline and gradual warmup, "
-                      "3 epochs", "table1", choices=tuple(PRESETS))
+    preset: str = opt(
+        "table1: no/constant/gradual warmup at large kn vs the small-kn baseline; table2a: lr scaling "
+        "rules; fig1: val error vs kn, up to --max-factor x the small kn, and the largest kn within "
+        "1 point of it; beyond: past fig1's limit, SGD vs MLPerf's recipe (LARS) vs that recipe with "
+        "SGD at kn = 32x to 256x, with the gradient noise scale; quick: baseline and gradual warmup, "
+        "3 epochs",
+        "table1",
+        choices=tuple(PRESETS),
+    )
     seeds: int = opt("runs per setting (seeds 0..N-1)", 3, min=1)
     parallel: int = opt("runs side by side, each pinned to its share of the CPUs (0: CPUs // ranks)", 0, min=0)
     scale: Scale = field(default_factory=Scale)
@@ -185,8 +204,6 @@ class StudyOptions:
 
 
 def run(options: StudyOptions) -> None:
-    from . import report
-
     settings, scale = resolve(options.preset, options.scale)
     output = Path(options.output)
     runs = plan(settings, options.seeds, output)
@@ -197,9 +214,14 @@ def run(options: StudyOptions) -> None:
     print(f"study: wrote {', '.join(str(path) for path in written)}")
 
 
-COMMAND = Command(StudyOptions, run, description=(
-    "Runs a grid of `train` jobs under horovodrun (side by side on the CPUs; give the same command again to resume) "
-    "and writes OUTPUT/study.md with the top-1 val error of each row, mean ± std over seeds, results.json and PNG "
-    "plots. Defaults: make-dataset --kind cluttered-digits, cifar_resnet14, small kn = 2 workers x n=4 = 8, large "
-    "kn = 32x that, all workers but the ranks virtual ones in one pass; see hvd_imagenet/study/grid.py and the "
-    "README."))
+COMMAND = Command(
+    StudyOptions,
+    run,
+    description=(
+        "Runs a grid of `train` jobs under horovodrun (side by side on the CPUs; give the same command again to "
+        "resume) and writes OUTPUT/study.md with the top-1 val error of each row, mean ± std over seeds, "
+        "results.json and PNG plots. Defaults: make-dataset --kind cluttered-digits, cifar_resnet14, small kn = 2 "
+        "workers x n=4 = 8, large kn = 32x that, all workers but the ranks virtual ones in one pass; see "
+        "hvd_imagenet/study/grid.py and docs/study.md."
+    ),
+)
