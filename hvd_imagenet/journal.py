@@ -41,14 +41,14 @@ class Journal:
     def describe(self, world: World, noise_measured: bool) -> None:
         config, kn = self.config, world.global_batch
         log.info(
-            "hvd-imagenet: %s on %d rank(s) (%s), n=%d, global batch kn=%d, peak lr %.4g, %d steps/epoch",
-            *(config.arch, world.ctx.size, world.ctx.device.type, config.batch_size, kn),
-            *(peak_lr(config.lr, kn), world.steps_per_epoch),
+            f"hvd-imagenet: {config.arch} on {world.ctx.size} rank(s) ({world.ctx.device.type}), "
+            f"n={config.batch_size}, global batch kn={kn}, peak lr {peak_lr(config.lr, kn):.4g}, "
+            f"{world.steps_per_epoch} steps/epoch"
         )
         if config.virtual_workers_per_pass > 1:
             log.info(
-                "virtual workers: %d per pass (%d images, BN over each %d), %d pass(es) per step",
-                *(config.virtual_workers_per_pass, config.pass_batch, config.batch_size, config.batches_per_allreduce),
+                f"virtual workers: {config.virtual_workers_per_pass} per pass ({config.pass_batch} images, BN over "
+                f"each {config.batch_size}), {config.batches_per_allreduce} pass(es) per step"
             )
         if noise_measured:
             noise = f"from passes of {config.pass_batch} and steps of {kn} images"
@@ -58,9 +58,8 @@ class Journal:
             noise = "off"
         lr = config.lr
         log.info(
-            "recipe %s: %s, %s warmup %g epochs, %s schedule, label smoothing %g; noise scale %s",
-            *(config.recipe, config.optimizer, lr.warmup, lr.warmup_epochs, lr.lr_schedule, config.label_smoothing),
-            noise,
+            f"recipe {config.recipe}: {config.optimizer}, {lr.warmup} warmup {lr.warmup_epochs:g} epochs, "
+            f"{lr.lr_schedule} schedule, label smoothing {config.label_smoothing:g}; noise scale {noise}"
         )
         log.info("input: %s", world.loaders.description)
         if world.ctx.device.type == "cuda":
@@ -70,10 +69,10 @@ class Journal:
         """The ranks changed (--elastic): say how the recipe follows; a new rank 0 (the old one left) writes
         from now on."""
         lr = self.config.lr
+        old_lr, new_lr = peak_lr(lr, old.global_batch), peak_lr(lr, world.global_batch)
         log.info(
-            "elastic: %d -> %d ranks; global batch %d -> %d, peak lr %.4g -> %.4g",
-            *(old.ctx.size, world.ctx.size, old.global_batch, world.global_batch),
-            *(peak_lr(lr, old.global_batch), peak_lr(lr, world.global_batch)),
+            f"elastic: {old.ctx.size} -> {world.ctx.size} ranks; global batch {old.global_batch} -> "
+            f"{world.global_batch}, peak lr {old_lr:.4g} -> {new_lr:.4g}"
         )
         if world.ctx.is_primary and not self.writer:
             resolved = world.resolved_config(self.config)
@@ -114,16 +113,16 @@ class Journal:
         )
         noise_text = f" | noise scale {noise['noise_scale']:.0f} img" if noise["noise_scale"] is not None else ""
         log.info(
-            "epoch %d/%d: train loss %.4f top1 %.2f%% | %s%s | %.1f s",
-            *(epoch + 1, config.epochs, train["loss"], train["top1"], evaluated, noise_text, state.seconds),
+            f"epoch {epoch + 1}/{config.epochs}: train loss {train['loss']:.4f} top1 {train['top1']:.2f}% | "
+            f"{evaluated}{noise_text} | {state.seconds:.1f} s"
         )
 
     def skipped_step(self, state, step: int, scale: float | None) -> None:
         """Every rank: a step whose averaged gradients held NaN/inf was not applied."""
+        scale_text = f", loss scale now {scale:g}" if scale is not None else ""
         log.warning(
-            "epoch %d step %d: NaN/inf in the averaged gradients; step skipped (%d so far)%s",
-            *(state.epoch + 1, step + 1, state.skipped),
-            f", loss scale now {scale:g}" if scale is not None else "",
+            f"epoch {state.epoch + 1} step {step + 1}: NaN/inf in the averaged gradients; step skipped "
+            f"({state.skipped} so far){scale_text}"
         )
 
     def diverged(self, world: World, epoch: int, step: int, newest: Path | None) -> str:
