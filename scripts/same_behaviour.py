@@ -16,7 +16,6 @@ current one, so a change of dependencies is not what this compares.
 
 import argparse
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from hvd_imagenet.checkpoint import list_checkpoints, rank_file
+from hvd_imagenet.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -36,34 +38,42 @@ RUNS = {
     "powersgd": "--loader torchvision --compression powersgd --powersgd-start-step 0".split(),
     "dali-virtual": "--loader dali --batches-per-allreduce 2 --label-smoothing 0.1".split(),
 }
+RANKS = 2
 TIMINGS = {"images_per_sec", "epoch_seconds", "val_seconds", "boundary_seconds"}
 
 
+def environment(code: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(code), "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
 def code_of(revision: str, folder: Path) -> Path:
-    """The package as `revision` has it (the working tree for WORKTREE), ready for PYTHONPATH."""
-    if revision == WORKTREE:
-        return ROOT
-    folder.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", revision, "hvd_imagenet"], cwd=ROOT, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
-    return folder
-
-
-def train(code: Path, data: Path, output: Path, flags: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(code), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    """The package as `revision` has it (the working tree for WORKTREE), checked to be what PYTHONPATH imports
+    from `folder`'s parent, where the runs start."""
+    code = ROOT
+    if revision != WORKTREE:
+        code = folder
+        folder.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "archive", revision, "hvd_imagenet"], cwd=ROOT, capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     where = subprocess.run(
         [sys.executable, "-c", "import hvd_imagenet; print(hvd_imagenet.__file__)"],
-        env=env,
-        cwd=output.parent,
+        env=environment(code),
+        cwd=folder.parent,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
     if not Path(where).is_relative_to(code):
         sys.exit(f"PYTHONPATH={code} imports hvd_imagenet from {where}, not from there")
-    command = [BIN / "horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "hvd-imagenet", "train"]
+    return code
+
+
+def train(code: Path, data: Path, output: Path, flags: list[str]) -> None:
+    command = [BIN / "horovodrun", "-np", str(RANKS), "-H", f"localhost:{RANKS}", "--gloo", "hvd-imagenet", "train"]
     command += ["--data", str(data), "--output", str(output), *TRAIN, *flags]
-    done = subprocess.run(command, env=env, cwd=output.parent, capture_output=True, text=True)
+    done = subprocess.run(command, env=environment(code), cwd=output.parent, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(
             f"{' '.join(map(str, command))} failed ({done.returncode}):\n{done.stdout[-4000:]}{done.stderr[-4000:]}"
@@ -88,16 +98,19 @@ def digest(value, hasher) -> None:
 
 def record(output: Path) -> dict:
     """What a run leaves that must not change: metrics without timings, the final checkpoints' digests."""
-    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    checkpoints = sorted((output / "checkpoints").glob("epoch-????*.pt"))
     digests = {}
-    for path in checkpoints[-3:] if checkpoints else ():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state.pop("config", None)
-        hasher = hashlib.sha256()
-        digest(state, hasher)
-        digests[path.name.split(".", 1)[1] if "rank" in path.name else "checkpoint"] = hasher.hexdigest()[:16]
-    return {"metrics": [{k: v for k, v in row.items() if k not in TIMINGS} for row in metrics], "digests": digests}
+    for newest in list_checkpoints(output / "checkpoints")[-1:]:
+        for path in (newest, *(rank_file(newest, rank) for rank in range(RANKS))):
+            if not path.exists():  # a rank file: only a compressor with state (PowerSGD) writes one
+                continue
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state.pop("config", None)
+            hasher = hashlib.sha256()
+            digest(state, hasher)
+            name = "checkpoint" if path == newest else path.name.removeprefix(f"{newest.stem}.")
+            digests[name] = hasher.hexdigest()[:16]
+    metrics = [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_metrics(output)]
+    return {"metrics": metrics, "digests": digests}
 
 
 def differences(before: dict, after: dict) -> list[str]:

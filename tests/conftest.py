@@ -87,6 +87,12 @@ def assert_same_batches(a, b) -> None:
         assert torch.equal(images_a, images_b)
 
 
+def checkpoint_state(**changes) -> dict:
+    """What checkpoint.save takes, at its smallest (epoch 1 after 6 steps, an empty model), with `changes`."""
+    state = {"model": {}, "optimizer": {}, "epoch": 1, "step": 6, "step_in_epoch": 0, "images_done": 0}
+    return {**state, "partial": None, "config": {}, **changes}
+
+
 def shared_memory_files() -> set[Path]:
     """The memory loader's decoded data sets in /dev/shm (data/memory.py)."""
     return set(Path("/dev/shm").glob("hvd-imagenet-*"))

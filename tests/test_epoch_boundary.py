@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_same_batches, batches, loaders, rank, run_cli, run_horovod
+from conftest import TINY_TRAIN, assert_same_batches, batches, checkpoint_state, loaders, rank, run_cli, run_horovod
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 from test_reliability import Job, two_ranks
@@ -119,16 +119,7 @@ def test_an_async_checkpoint_equals_a_synchronous_one(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(16, 8)).square().sum().backward()
     optimizer.step()
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": 1,
-        "step": 6,
-        "step_in_epoch": 0,
-        "images_done": 0,
-        "partial": None,
-        "config": {"arch": "mlp"},
-    }
+    state = checkpoint_state(model=model.state_dict(), optimizer=optimizer.state_dict(), config={"arch": "mlp"})
     checkpoint.save(tmp_path / "sync", state, keep=3)
     writer = checkpoint.AsyncWriter(tmp_path / "async", keep=3)
     path = writer.submit(state)

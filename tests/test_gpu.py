@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_horovod
+from conftest import checkpoint_state, run_horovod
 from test_channels_last import check_collectives, run_collectives
 from test_host_syncs import step_syncs
 from test_model import relative_error, virtual_worker_gradients
@@ -220,16 +220,7 @@ def test_a_background_checkpoint_of_a_gpu_model_holds_the_state_it_was_given(tmp
     for _ in range(2):
         model(torch.randn(4, 3, 16, 16, device="cuda")).square().mean().backward()
         optimizer.step()
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": 1,
-            "step": 1,
-            "step_in_epoch": 0,
-            "images_done": 0,
-            "partial": None,
-            "config": {},
-        }
+        state = checkpoint_state(model=model.state_dict(), optimizer=optimizer.state_dict(), step=1)
     expected = {key: value.cpu().clone() for key, value in state["model"].items()}
     writer = checkpoint.AsyncWriter(tmp_path / "async", keep=1)
     writer.submit(state)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import BIN, TINY_TRAIN, cli_env, run_cli, run_horovod, shared_memory_files, wait_for
+from conftest import BIN, TINY_TRAIN, checkpoint_state, cli_env, run_cli, run_horovod, shared_memory_files, wait_for
 
 from hvd_imagenet import checkpoint
 from hvd_imagenet.data.make_dataset import make_dataset
@@ -308,16 +308,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, write):
     the previous checkpoint still loads, the partial file is never taken for a checkpoint, and the next save
     removes it."""
     directory = tmp_path / "checkpoints"
-    state = {
-        "model": {"w": torch.ones(3)},
-        "optimizer": {},
-        "epoch": 1,
-        "step": 6,
-        "step_in_epoch": 0,
-        "images_done": 0,
-        "partial": None,
-        "config": {},
-    }
+    state = checkpoint_state(model={"w": torch.ones(3)})
     checkpoint.save(directory, state, keep=3)
     writer = subprocess.Popen(
         [
@@ -345,16 +336,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, write):
 @pytest.mark.unit
 def test_corrupt_and_foreign_checkpoints_are_refused_without_running_code(tmp_path):
     directory = tmp_path / "checkpoints"
-    state = {
-        "model": {},
-        "optimizer": {},
-        "epoch": 1,
-        "step": 6,
-        "step_in_epoch": 0,
-        "images_done": 0,
-        "partial": None,
-        "config": {},
-    }
+    state = checkpoint_state()
     checkpoint.save(directory, state, keep=0)
     newest = checkpoint.save(directory, {**state, "epoch": 2}, keep=0)
 

@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from conftest import checkpoint_state
 
 from hvd_imagenet import flags
 from hvd_imagenet.bench.launch import LaunchOptions
@@ -207,16 +208,7 @@ def test_rank_files_go_with_their_checkpoint(tmp_path):
     --keep-checkpoints drops that checkpoint; load_rank_file names a missing one."""
     from hvd_imagenet import checkpoint
 
-    state = {
-        "model": {},
-        "optimizer": {},
-        "epoch": 1,
-        "step": 6,
-        "step_in_epoch": 0,
-        "images_done": 0,
-        "partial": None,
-        "config": {},
-    }
+    state = checkpoint_state()
     for epoch in (1, 2):
         path = checkpoint.path_for(tmp_path, epoch, 0)
         for rank in (0, 1):
